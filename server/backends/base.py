@@ -1,0 +1,143 @@
+"""The backend contract: what the serving and scheduling layers need from phones.
+
+In the spirit of vLLM's ``EngineClient`` and httpx's transport: a tiny async interface.
+
+``Backend.generate(params)`` yields typed events for one request, in order::
+
+    Started  -> Tokens* -> Finished
+
+and raises a :class:`server.errors.BackendError` subclass when the phone fails (the "error" event of
+the contract is the exception, so that ``async for`` consumers cannot forget it). Closing the iterator
+early (``aclose()``, or the consuming task being cancelled) cancels the request on the phone and waits,
+bounded, for the phone's ``done`` so that the phone is reusable right after.
+
+A single phone (``server.backends.adb.phone.Phone``) and the pool of phones
+(``server.scheduling.pool.PhonePool``) both implement this contract; the API layer only ever sees a
+``Backend``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+
+@dataclass(slots=True)
+class GenerationParams:
+    """One request, in phone terms (token ids in, token ids out). Field names follow
+    device-protocol.md's `generate` op."""
+
+    request_id: str
+    model: str
+    prompt_ids: list[int]
+    max_new: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_ids: list[int] = field(default_factory=list)
+    reset: bool = True
+    # the raw prompt text, needed only by one-shot mode (the CLI takes text, not ids)
+    prompt_text: str | None = None
+
+
+@dataclass(slots=True)
+class Started:
+    request_id: str
+    prompt_tokens: int
+    state_tokens: int
+    phone: str  # serial of the phone that runs it
+
+
+@dataclass(slots=True)
+class Tokens:
+    request_id: str
+    ids: list[int]
+    t_ms: float | None  # phone monotonic clock (None in one-shot mode)
+    # in one-shot mode the phone gives text, not ids: the text for these tokens (ids is then empty)
+    text: str | None = None
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(slots=True)
+class Finished:
+    request_id: str
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_ms: float
+    decode_ms: float
+
+
+Event = Union[Started, Tokens, Finished]
+
+
+class PhoneState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    RESTARTING = "restarting"
+    OFFLINE = "offline"
+    INCOMPATIBLE = "incompatible"
+    QUARANTINED = "quarantined"
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """A model as served: derived from a bundle on a phone (device-protocol.md section 1)."""
+
+    name: str  # e.g. qwen3.5-0.8b or qwen3.5-0.8b-w8
+    precision: str  # fp16 | w8
+    max_context: int  # 1024
+    tokenizer_path: str  # host path of the bundle's tokenizer.json (cache keyed by sha256)
+    tokenizer_sha256: str
+    phones: list[str] = field(default_factory=list)
+    simulated: bool = False
+
+
+@dataclass(slots=True)
+class PhoneHealth:
+    serial: str
+    adb_server: str
+    state: PhoneState
+    model: str | None = None
+    product_model: str | None = None
+    soc: str | None = None
+    bundles: list[str] = field(default_factory=list)
+    mode: str | None = None  # session | oneshot
+    request_in_flight: str | None = None
+    tokens_served: int = 0
+    last_decode_tps: float | None = None
+    last_error: str | None = None
+    uptime_s: float = 0.0
+    simulated: bool = False
+
+
+class Backend(abc.ABC):
+    """What the serving layer drives. Implementations: one phone, or the pool of phones."""
+
+    @abc.abstractmethod
+    def generate(self, params: GenerationParams) -> AsyncIterator[Event]:
+        """Run one request; yields Started, Tokens..., Finished; raises BackendError on failure."""
+
+    @abc.abstractmethod
+    async def cancel(self, request_id: str) -> None:
+        """Cancel a running request (no-op if unknown or finished)."""
+
+    @abc.abstractmethod
+    def models(self) -> list[ModelInfo]:
+        """Models currently servable (at least one phone ready or starting)."""
+
+    @abc.abstractmethod
+    def health(self) -> list[PhoneHealth]:
+        """One entry per known phone."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop sessions and release adb streams."""

@@ -1,0 +1,65 @@
+"""All configuration in one pydantic-settings class (env prefix QHX_); the CLI maps onto these fields."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_LAUNCH = (
+    "cd {root} && LD_LIBRARY_PATH=. ./qhx_generate {manifest} libQnnHtp.so libQnnSystem.so "
+    "{artifacts} {max_new} {prompt}"
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QHX_", extra="ignore")
+
+    # --- HTTP ---
+    host: str = Field("127.0.0.1", description="Address to bind the HTTP server to.")
+    port: int = Field(8000, description="Port to bind the HTTP server to.")
+    log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+
+    # --- phones ---
+    adb_servers: list[str] = Field(
+        default_factory=list,
+        description="adb servers as host:port (repeatable). Empty: the local one, honouring "
+        "ANDROID_ADB_SERVER_PORT and ADB_SERVER_SOCKET.",
+    )
+    device_root: str = Field("/data/local/tmp/wq", description="Device root on the phone (bundles, runtime).")
+    device_mode: Literal["auto", "session", "oneshot"] = Field(
+        "auto", description="auto: try session protocol v1, fall back to one-shot per phone."
+    )
+    launch_command: str = Field(
+        DEFAULT_LAUNCH,
+        description="Phone shell command template; {root} {manifest} {artifacts} {max_new} {prompt} "
+        "are filled in (already shell-quoted). Session mode passes '-' as {prompt}.",
+    )
+    bundle: str | None = Field(
+        None, description="Artifacts root to serve when a phone holds several (e.g. qwen35-w8). "
+        "Default: the fp16 bundle (qwen35) if present, else the first found."
+    )
+    model_name: str | None = Field(None, description="Override the served model name derived from the bundle.")
+    max_context: int | None = Field(None, description="Override the context length derived from the manifest.")
+    session_max_new: int = Field(1024, description="max_new passed on the session command line (upper bound).")
+    ready_timeout_s: float = Field(60.0, description="Seconds to wait for a session's `ready` event.")
+    stall_timeout_s: float = Field(30.0, description="A token gap longer than this ends the request.")
+    cancel_timeout_s: float = Field(5.0, description="Seconds to wait for `done` after sending `cancel`.")
+    restart_backoff_max_s: float = Field(30.0, description="Cap of the session restart backoff (1, 2, 4 ... s).")
+    tokenizer_cache: str = Field(
+        "~/.cache/qhx-server/tokenizers", description="Host cache of phones' tokenizer.json, keyed by sha256."
+    )
+
+    # --- simulated phones ---
+    sim: int = Field(
+        0, description="Start N simulated phones on a private adb server and serve from them. "
+        "-1 (default of `serve`): simulate 1 phone only when no real phone is attached."
+    )
+    sim_speed: float = Field(1.0, description="Simulated phone speed factor (0 = as fast as possible).")
+    sim_precision: Literal["fp16", "w8", "both"] = Field("fp16", description="Bundles staged on simulated phones.")
+
+    # --- queueing ---
+    max_queue: int = Field(64, description="Per-model queue bound; beyond it requests get 429.")
+    queue_timeout_s: float = Field(300.0, description="Longest a request may wait in the queue.")
+    sse_ping_s: float = Field(15.0, description="Seconds between `: ping` SSE comments while a stream waits.")
