@@ -53,8 +53,8 @@ class Settings(BaseSettings):
 
     # --- simulated phones ---
     sim: int = Field(
-        0, description="Start N simulated phones on a private adb server and serve from them. "
-        "-1 (default of `serve`): simulate 1 phone only when no real phone is attached."
+        -1, description="Start N simulated phones on a private adb server and serve from them. "
+        "-1: auto, one simulated phone only when no adb server with a phone is reachable; 0: never."
     )
     sim_speed: float = Field(1.0, description="Simulated phone speed factor (0 = as fast as possible).")
     sim_precision: Literal["fp16", "w8", "both"] = Field("fp16", description="Bundles staged on simulated phones.")

@@ -1,0 +1,71 @@
+"""`qhx-server serve`: pick the phones (real, or simulated when none is attached), then run uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _reachable_servers(settings: Settings) -> list[tuple[str, int]]:
+    from server.backends.adb.fleet import resolve_adb_servers
+
+    found = []
+    for host, port in resolve_adb_servers(settings):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            found.append((host, port))
+    return found
+
+
+def _real_phone_attached(settings: Settings) -> bool:
+    """True when a reachable adb server lists at least one device. Does not start an adb server:
+    with none running there can be no phone to serve."""
+    import adbutils
+
+    for host, port in _reachable_servers(settings):
+        try:
+            if any(d.state == "device" for d in adbutils.AdbClient(host=host, port=port, socket_timeout=3).list()):
+                return True
+        except adbutils.AdbError:
+            continue
+    return False
+
+
+@contextlib.contextmanager
+def simulated_phones(settings: Settings) -> Iterator[Settings]:
+    """Start simulated phones when asked (or, with sim=-1, when no phone is attached) and yield the
+    settings pointing at their private adb server."""
+    count = settings.sim
+    if count < 0:
+        count = 0 if _real_phone_attached(settings) else 1
+        if count:
+            logger.warning("no phone attached to any reachable adb server: serving from ONE SIMULATED phone")
+    if count == 0:
+        yield settings
+        return
+    from server.sim.harness import SimLab
+
+    lab = SimLab(count, precision=settings.sim_precision, speed=settings.sim_speed)
+    with lab:
+        logger.warning(
+            "SIMULATED PHONES: %d simulated phone(s) on private adb server %s; tokens are simulated, "
+            "not the model's", count, lab.adb_server,
+        )
+        yield settings.model_copy(update={"adb_servers": [lab.adb_server]})
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with simulated_phones(settings) as effective:
+        app = create_app(effective)
+        uvicorn.run(app, host=effective.host, port=effective.port, log_level=effective.log_level.lower())
+    return 0
