@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     tokenizer_cache: str = Field(
         "~/.cache/qhx-server/tokenizers", description="Host cache of phones' tokenizer.json, keyed by sha256."
     )
+    adb_timeout_s: float = Field(
+        10.0, description="Socket timeout of short adb calls (device list, getprop, file pulls per read)."
+    )
+    device_poll_s: float = Field(1.0, description="Seconds between device-list polls of each adb server.")
+    prefill_ms_per_token: float = Field(
+        100.0,
+        description="Extra wait for the first token per prompt token, on top of stall_timeout_s: phones "
+        "process prompts token by token (~45 ms/token at 22 tok/s), so a long prompt is not a stall.",
+    )
 
     # --- simulated phones ---
     sim: int = Field(
