@@ -1,0 +1,322 @@
+"""Simulated phones behind a private, real adb server, usable from synchronous code.
+
+    with SimLab(phones=2) as lab:
+        client = adbutils.AdbClient(host="127.0.0.1", port=lab.adb_port)
+        lab.phones[0].configure(speed=0)
+
+`SimLab` runs the phones' asyncio adbds in a daemon thread's event loop, starts the adb binary shipped
+in the adbutils wheel as its own child (``adb server nodaemon``, isolated HOME, no mDNS, USB or
+emulator scanning) on a free port and ``adb connect``s every phone. Teardown kills the adb server and
+every phone process, so a lab leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import adbutils
+
+from server.sim.adbd import EMULATOR_PORTS, AdbDaemon
+from server.sim.sandbox import Sandbox, default_props
+from server.sim.staging import stage_phone
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ADB_SERVER_PORT_DEFAULT = 5037
+
+
+class _LoopThread:
+    """An asyncio event loop in a daemon thread; sync callers submit work and wait for it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="qhx-sim-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("SimLab's blocking API cannot be called from its own event loop")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run a plain function on the loop (directly when already there) and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn()
+
+        async def wrapper() -> T:
+            return fn()
+
+        return self.run(wrapper(), timeout=10.0)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class SimPhone:
+    """One simulated phone: a sandbox folder standing in for its filesystem and an adbd on
+    ``host:port``. Its serial is what the adb server calls it after ``adb connect``."""
+
+    def __init__(self, sandbox_dir: Path, runner: _LoopThread, *, soc: str = "SM8850",
+                 precision: str = "fp16", name: str = "qhxsim", host: str = "127.0.0.1", port: int = 0,
+                 props: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                 sim_config: dict[str, Any] | None = None) -> None:
+        self.soc = soc
+        self.precision = precision
+        self.props: dict[str, str] = {**default_props(soc=soc, name=name), **(props or {})}
+        self._sandbox = Sandbox(sandbox_dir, props=self.props, env=env)
+        self._sim_config = dict(sim_config or {})
+        self._runner = runner
+        self._daemon = AdbDaemon(self._sandbox, host=host, port=port)
+        self.started = False
+
+    @property
+    def sandbox(self) -> Path:
+        return self._sandbox.root
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Extra environment of phone commands; changes apply to commands started afterwards."""
+        return self._sandbox.extra_env
+
+    @property
+    def host(self) -> str:
+        return self._daemon.host
+
+    @property
+    def port(self) -> int:
+        return self._daemon.port
+
+    @property
+    def serial(self) -> str:
+        return f"{self._daemon.host}:{self._daemon.port}"
+
+    def start(self) -> SimPhone:
+        """Create and stage the sandbox, then listen."""
+        self._sandbox.create()
+        stage_phone(self.sandbox, precision=self.precision, soc=self.soc, props=self.props,
+                    sim_config=self._sim_config)
+        self._sandbox.reload_props()
+        self._runner.run(self._daemon.start())
+        self.started = True
+        return self
+
+    def stop(self) -> None:
+        """Stop listening, drop links, kill every process of this phone. Idempotent."""
+        if self.started:
+            self.started = False
+            self._runner.run(self._daemon.stop())
+
+    def configure(self, **knobs: Any) -> None:
+        """Merge knobs into ``<sandbox>/sim.json`` atomically; the simulated runtime re-reads it."""
+        self._sandbox.configure(**knobs)
+
+    def drop_connections(self) -> None:
+        """Cut the TCP links to the adb server abruptly (the host sees the phone go offline)."""
+        self._runner.call(self._daemon.drop_connections)
+
+    def refuse_connections(self, flag: bool) -> None:
+        """While set, new TCP connections are closed as soon as they are accepted."""
+
+        def set_refuse() -> None:
+            self._daemon.refuse = flag
+
+        self._runner.call(set_refuse)
+
+    def phone_path(self, path: str) -> Path:
+        """Host path of a phone path: ``/data/local/tmp/x`` -> ``<sandbox>/data/local/tmp/x``."""
+        return self._sandbox.phone_path(path)
+
+    def __repr__(self) -> str:
+        return f"SimPhone({self.serial}, soc={self.soc}, precision={self.precision})"
+
+
+class SimLab:
+    """N simulated phones connected to a private adb server (see the module docstring).
+
+    ``private_adb=False`` serves the phones only (for the user's own adb server to connect to);
+    ``base_port`` gives phones consecutive ports from there instead of free ones.
+    """
+
+    def __init__(self, phones: int = 1, *, precision: str = "fp16", soc: str = "SM8850", speed: float = 1.0,
+                 workdir: Path | None = None, sim_config: dict[str, Any] | None = None,
+                 private_adb: bool = True, host: str = "127.0.0.1", base_port: int | None = None) -> None:
+        self.initial_phones = phones
+        self.precision = precision
+        self.soc = soc
+        self.sim_config: dict[str, Any] = {"speed": speed, **(sim_config or {})}
+        self.private_adb = private_adb
+        self.host = host
+        self.base_port = base_port
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="qhx-sim-"))
+        self.adb_binary: str = adbutils.adb_path()
+        self.adb_port = 0
+        self.phones: list[SimPhone] = []
+        self._runner: _LoopThread | None = None
+        self._adb_proc: subprocess.Popen[bytes] | None = None
+        self._counter = 0
+
+    @property
+    def adb_server(self) -> str:
+        return f"127.0.0.1:{self.adb_port}"
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> Self:
+        """Start the adb server (unless private_adb=False) and the phones; wait until all are "device"."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._runner = _LoopThread()
+        try:
+            if self.private_adb:
+                self._start_adb_server()
+            for _ in range(self.initial_phones):
+                self.add_phone(connect=False)
+            if self.private_adb:
+                for phone in self.phones:
+                    self._connect(phone)
+                self.wait_for_devices([p.serial for p in self.phones])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Kill the adb server, stop every phone and its processes. Idempotent."""
+        if self._adb_proc is not None:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self.adb("kill-server", timeout=5)
+            try:
+                self._adb_proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._adb_proc.kill()
+                self._adb_proc.wait()
+            self._adb_proc = None
+        for phone in self.phones:
+            phone.stop()
+        self.phones.clear()
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def add_phone(self, *, soc: str | None = None, precision: str | None = None, connect: bool = True,
+                  **kw: Any) -> SimPhone:
+        """Start one more phone (kw: name, props, env, sim_config, port) and connect it."""
+        if self._runner is None:
+            raise RuntimeError("SimLab is not started")
+        self._counter += 1
+        index = self._counter
+        if self.base_port is not None:
+            kw.setdefault("port", self.base_port + index - 1)
+        sim_config = {**self.sim_config, **kw.pop("sim_config", {})}
+        phone = SimPhone(self.workdir / f"phone{index}", self._runner, soc=soc or self.soc,
+                         precision=precision or self.precision, host=self.host,
+                         name=kw.pop("name", f"qhxsim{index}"), sim_config=sim_config, **kw)
+        phone.start()
+        self.phones.append(phone)
+        if connect and self.private_adb:
+            self._connect(phone)
+            self.wait_for_devices([phone.serial])
+        return phone
+
+    def remove_phone(self, serial: str) -> None:
+        """``adb disconnect`` the phone and stop it."""
+        phone = next(p for p in self.phones if p.serial == serial)
+        if self.private_adb:
+            self.adb("disconnect", serial)
+        phone.stop()
+        self.phones.remove(phone)
+
+    def adb(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        """Run the real adb CLI against this lab's server."""
+        return subprocess.run([self.adb_binary, "-P", str(self.adb_port), *args], check=False, env=self.env(),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+    def env(self) -> dict[str, str]:
+        """Environment for child processes that should use this lab's adb server."""
+        env = {key: value for key, value in os.environ.items() if key not in ("ADB_SERVER_SOCKET", "ANDROID_SERIAL")}
+        env.update({
+            # adbutils' auto-start and the adb CLI both read the port from here
+            "ANDROID_ADB_SERVER_PORT": str(self.adb_port),
+            # the adb server writes ~/.android (keys); keep that in the lab
+            "HOME": str(self.workdir / "home"),
+            "ANDROID_ADB_LOG_PATH": str(self.workdir / "adb.log"),
+            # nothing but the lab's phones: no mDNS on the network, no USB phones, no emulator scan
+            "ADB_MDNS": "0",
+            "ADB_USB": "0",
+            "ADB_EMU": "0",
+        })
+        return env
+
+    def wait_for_devices(self, serials: list[str], state: str = "device", timeout: float = 20.0) -> None:
+        """Block until every serial is listed by the adb server in that state."""
+        client = adbutils.AdbClient(host="127.0.0.1", port=self.adb_port, socket_timeout=5)
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {d.serial: d.state for d in client.list()}
+            if all(states.get(s) == state for s in serials):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"phones not '{state}' after {timeout} s: {states}")
+            time.sleep(0.02)
+
+    def _connect(self, phone: SimPhone) -> None:
+        result = self.adb("connect", phone.serial)
+        if "connected to" not in result.stdout:
+            raise RuntimeError(f"adb connect {phone.serial} failed: {result.stdout}{result.stderr}")
+
+    def _start_adb_server(self) -> None:
+        """Run the adb server as our own child (not a daemon), so teardown can always reap it."""
+        (self.workdir / "home").mkdir(exist_ok=True)
+        self.adb_port = free_port()
+        with open(self.workdir / "adb-server.log", "ab") as log:
+            self._adb_proc = subprocess.Popen(
+                [self.adb_binary, "-P", str(self.adb_port), "server", "nodaemon"], env=self.env(),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not _accepts(self.adb_port):
+            if self._adb_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"adb server did not start, see {self.workdir / 'adb-server.log'}")
+            time.sleep(0.01)
+        logger.info("private adb server on 127.0.0.1:%d (pid %d)", self.adb_port, self._adb_proc.pid)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 outside the adb emulator scan range and the default adb port."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in EMULATOR_PORTS and port != ADB_SERVER_PORT_DEFAULT:
+            return port
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
