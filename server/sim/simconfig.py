@@ -1,0 +1,159 @@
+"""Per-phone simulator knobs: ``<sandbox>/sim.json``, re-read by the runtime when it changes.
+
+Every knob, its default and its meaning (docs/simulator.md says the same, with examples):
+
+timing (read at the start of each request; all simulated durations are divided by ``speed``)
+  ``load_s`` 1.5             model load time, paid once per process (real tokenizer loading included)
+  ``speed`` 1.0              time divisor; ``0`` or ``"max"``: no sleeps at all
+  ``decode_tps`` null        decode tokens/s; null = by the bundle precision (fp16 22.7, w8 24.2)
+  ``prefill_factor`` 0.7     cost of one prompt token as a fraction of one decode step
+
+text (read at the start of each request)
+  ``stop_rate`` 0.02         per-token chance of ending the answer (once ``min_tokens`` are out);
+                             the end is a stop id, only when the request has stop ids
+  ``min_tokens`` 8           no natural end before this many answer tokens
+  ``think`` null             true: always reason first; false: never; null: when the prompt opens
+                             ``<think>`` (Qwen generation prompt with thinking on)
+  ``tool_call`` null         true: always emit a tool call; false: never; null: when the prompt has
+                             ``<tools>`` and its last user turn is not a ``<tool_response>``
+
+faults (checked at request start and before every token)
+  ``crash_after`` null       int N: the process exits abruptly (code 134) after N tokens of a request
+  ``hang`` false             true: tokens stop coming (process alive, pings answered, cancel ignored)
+                             until the knob is cleared
+  ``garbage`` false          true: one non-JSON line on stdout before each request's first ``tok``
+  ``slow_first_token_s`` 0   extra delay before each request's first token, in real seconds
+                             (not divided by ``speed``, so stall timeouts can be tested at speed 0)
+  ``no_session`` false       true: the runtime knows only the one-shot CLI; ``-`` is a prompt
+
+Fault knobs are level-triggered: they apply to every request while set (a crashed session that is
+restarted crashes again until the knob is cleared). Writers should replace the file atomically
+(:func:`write_sim_config` does); a half-written file is ignored and the previous knobs are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+SIM_JSON = "sim.json"
+DECODE_TPS = {"fp16": 22.7, "w8": 24.2}  # model card, SM8850
+
+DEFAULTS: dict[str, Any] = {
+    "load_s": 1.5,
+    "speed": 1.0,
+    "decode_tps": None,
+    "prefill_factor": 0.7,
+    "stop_rate": 0.02,
+    "min_tokens": 8,
+    "think": None,
+    "tool_call": None,
+    "crash_after": None,
+    "hang": False,
+    "garbage": False,
+    "slow_first_token_s": 0.0,
+    "no_session": False,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Typed view of sim.json (see the module docstring for every knob)."""
+
+    load_s: float = 1.5
+    speed: float = 1.0  # 0 = as fast as possible
+    decode_tps: float | None = None
+    prefill_factor: float = 0.7
+    stop_rate: float = 0.02
+    min_tokens: int = 8
+    think: bool | None = None
+    tool_call: bool | None = None
+    crash_after: int | None = None
+    hang: bool = False
+    garbage: bool = False
+    slow_first_token_s: float = 0.0
+    no_session: bool = False
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> SimConfig:
+        """Build from a sim.json object; unknown keys are ignored, ``speed: "max"`` means 0."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("speed") == "max":
+            values["speed"] = 0.0
+        return cls(**values)
+
+    def scale(self, seconds: float) -> float:
+        """A simulated duration in real seconds (0 when running as fast as possible)."""
+        if self.speed is None or self.speed <= 0:
+            return 0.0
+        return seconds / self.speed
+
+    def decode_step_s(self, precision: str) -> float:
+        """Real seconds per decoded token for a bundle of this precision."""
+        tps = self.decode_tps or DECODE_TPS.get(precision, DECODE_TPS["fp16"])
+        return self.scale(1.0 / tps)
+
+
+class SimConfigWatcher:
+    """Reads sim.json and re-reads it only when the file changes (one ``stat`` per check)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._key: tuple[int, int, int] | None = None
+        self._config = SimConfig()
+        self.current()
+
+    def current(self) -> SimConfig:
+        """The knobs as of now; cheap enough to call before every token."""
+        if self._path is None:
+            return self._config
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            self._key, self._config = None, SimConfig()
+            return self._config
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)  # atomic replaces change the inode
+        if key != self._key:
+            try:
+                data = json.loads(self._path.read_text(encoding="utf-8"))
+                self._config = SimConfig.from_mapping(data)
+                self._key = key
+            except (OSError, ValueError, TypeError):
+                pass  # half-written or invalid: keep the previous knobs, retry next time
+        return self._config
+
+
+def write_sim_config(sandbox: Path, knobs: Mapping[str, Any], *, merge: bool = True) -> dict[str, Any]:
+    """Atomically write ``<sandbox>/sim.json``; with ``merge`` the knobs update the current file.
+
+    Unknown knob names raise ``KeyError`` (a typo would otherwise silently do nothing).
+    Returns the knobs now in effect.
+    """
+    unknown = set(knobs) - set(DEFAULTS)
+    if unknown:
+        raise KeyError(f"unknown sim knobs: {sorted(unknown)}")
+    path = sandbox / SIM_JSON
+    data = dict(DEFAULTS)
+    if merge and path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            data.update(json.loads(path.read_text(encoding="utf-8")))
+    data.update(knobs)
+    fd, tmp = tempfile.mkstemp(prefix=".sim.", suffix=".json", dir=sandbox)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return data
