@@ -1,0 +1,129 @@
+"""StopMatcher: stop strings across arbitrary splits of the text, never leaked."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.serving.stops import StopMatcher
+from server.serving.tokens import HostTokenizer
+
+SETTINGS = settings(max_examples=400, deadline=None)
+ALPHABET = st.sampled_from(list("ab\n:Ué世🎉 "))
+
+
+def run(stops: list[str], pieces: list[str]) -> tuple[list[str], str | None]:
+    m = StopMatcher(stops)
+    out: list[str] = []
+    for piece in pieces:
+        safe, matched = m.feed(piece)
+        out.append(safe)
+        if matched is not None:
+            return out, matched
+    out.append(m.flush())
+    return out, None
+
+
+def expected(text: str, stops: list[str]) -> tuple[str, str | None]:
+    hits = [(text.find(s), -len(s), s) for s in stops if s and s in text]
+    if not hits:
+        return text, None
+    at, _, stop = min(hits)
+    return text[:at], stop
+
+
+def split(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in itertools.pairwise(points)]
+
+
+@SETTINGS
+@given(
+    text=st.text(ALPHABET, max_size=40),
+    stops=st.lists(st.text(ALPHABET, min_size=1, max_size=5), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 1000), max_size=20),
+)
+def test_output_is_exactly_the_text_before_the_first_match(text: str, stops: list[str], cuts: list[int]) -> None:
+    pieces, matched = run(stops, split(text, cuts))
+    want_text, want_stop = expected(text, stops)
+    assert "".join(pieces) == want_text
+    # which stop matched is the one completed first in the stream: at the same position a shorter one
+    # can complete before the longer one arrives (":" before "::"); the cut is the same
+    assert (matched is None) == (want_stop is None)
+    if matched is not None:
+        assert text[len(want_text) :].startswith(matched)
+
+
+@SETTINGS
+@given(
+    before=st.text(ALPHABET, max_size=20),
+    stop=st.text(ALPHABET, min_size=2, max_size=6),
+    after=st.text(ALPHABET, max_size=10),
+    cuts=st.lists(st.integers(0, 1000), max_size=20),
+)
+def test_nothing_emitted_is_ever_part_of_the_match(
+    before: str, stop: str, after: str, cuts: list[int]
+) -> None:
+    text = before + stop + after
+    cut_at = text.find(stop)
+    emitted = ""
+    m = StopMatcher([stop])
+    for piece in split(text, cuts):
+        safe, matched = m.feed(piece)
+        emitted += safe
+        assert len(emitted) <= cut_at  # never a character of the stop string, not even for a while
+        if matched:
+            break
+    assert emitted == text[:cut_at]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    before=st.text(st.sampled_from(list("Hello wrld,\n世界🎉:U")), max_size=30),
+    stop=st.sampled_from(["\n\nUser:", "世界", "🎉🎉", "END", "lo w"]),
+    after=st.text(max_size=10),
+)
+def test_stop_strings_spanning_real_qwen_tokens(
+    qwen_tokenizer: HostTokenizer, before: str, stop: str, after: str
+) -> None:
+    text = before + stop + after
+    ids = qwen_tokenizer.encode(text)
+    detok = qwen_tokenizer.detokenizer()
+    m = StopMatcher([stop, "never-seen"])
+    out, matched = "", None
+    for i in ids:
+        safe, matched = m.feed(detok.feed([i]))
+        out += safe
+        if matched:
+            break
+    if not matched:
+        out += m.feed(detok.flush())[0] + m.flush()
+    decoded = qwen_tokenizer.decode(ids)
+    want, want_stop = expected(decoded, [stop, "never-seen"])
+    assert out == want and matched == want_stop
+    assert "\ufffd" not in out
+
+
+def test_text_held_back_is_released_when_it_stops_being_a_prefix() -> None:
+    m = StopMatcher(["\n\nUser:"])
+    assert m.feed("Hi\n") == ("Hi", None)
+    assert m.held == "\n"
+    assert m.feed("\nUs") == ("", None)
+    assert m.feed("ed") == ("\n\nUsed", None)
+
+
+def test_no_stops_passes_everything_through() -> None:
+    m = StopMatcher([])
+    assert m.feed("abc") == ("abc", None)
+    assert m.flush() == ""
+
+
+def test_empty_stop_strings_are_ignored() -> None:
+    assert StopMatcher(["", "x"]).stops == ["x"]
+
+
+def test_earliest_match_wins_and_ties_take_the_longest() -> None:
+    assert StopMatcher(["cd", "b"]).feed("abcd") == ("a", "b")
+    assert StopMatcher(["ab", "abc"]).feed("xabcd") == ("x", "abc")
