@@ -247,9 +247,11 @@ async def run_command(stream: Stream, sandbox: Sandbox, command: str, *, v2: boo
     pumps = [asyncio.create_task(_pump(stream, pipe, packet_id if v2 else None)) for pipe, packet_id in pipes]
     feeder = asyncio.create_task(_feed_stdin(stream, proc.stdin, v2=v2))
     try:
+        # wait() returns once the leader exited and both pipes hit EOF (like adbd, a background
+        # child holding stdout keeps the command open); group members left over die now
         returncode = await proc.wait()
         _killpg(proc.pid, signal.SIGKILL)
-        await asyncio.gather(*pumps)
+        await asyncio.wait(pumps)  # not gather: a cancel here must not cancel the pumps' draining
         if v2:
             # a process killed by a signal reports 128+signal, as a shell would
             status = returncode if returncode >= 0 else 128 - returncode
@@ -315,14 +317,16 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
     # The leader may be gone while members of its group still run; the pgid stays reserved as long
     # as any member lives, so this cannot hit an unrelated process.
     _killpg(proc.pid, signal.SIGKILL)
-    await proc.wait()
+    try:
+        await asyncio.wait_for(proc.wait(), 1.0)
+    except TimeoutError:  # only if a process left the group (setsid) and still holds a pipe
+        logger.warning("phone command %d: a process outside its group still holds its pipes", proc.pid)
 
 
 async def _finish(tasks: list[asyncio.Task[None]]) -> None:
     """Let pumps drain the pipes to EOF (that closes the subprocess transport); give up after 1 s."""
     _done, pending = await asyncio.wait(tasks, timeout=1.0)
     for task in pending:
-        logger.warning("a phone process escaped its group and still holds a pipe; abandoning it")
         task.cancel()
 
 
@@ -357,7 +361,7 @@ class AdbDaemon:
         """Bind (a free port outside the emulator range when port is 0) and return the port."""
         while True:
             server = await asyncio.start_server(self._accept, self.host, self.port)
-            port = server.sockets[0].getsockname()[1]
+            port: int = server.sockets[0].getsockname()[1]
             if self.port or port not in EMULATOR_PORTS:
                 break
             server.close()

@@ -246,7 +246,9 @@ class SimLab:
 
     def remove_phone(self, serial: str) -> None:
         """``adb disconnect`` the phone and stop it."""
-        phone = next(p for p in self.phones if p.serial == serial)
+        phone = next((p for p in self.phones if p.serial == serial), None)
+        if phone is None:
+            raise KeyError(f"no simulated phone {serial}")
         if self.private_adb:
             self.adb("disconnect", serial)
         phone.stop()
@@ -311,7 +313,7 @@ def free_port() -> int:
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+            port: int = sock.getsockname()[1]
         if port not in EMULATOR_PORTS and port != ADB_SERVER_PORT_DEFAULT:
             return port
 

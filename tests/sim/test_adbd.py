@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import socket
@@ -169,6 +170,21 @@ def test_adbutils_shell2_v2_reports_exit_codes(device: adbutils.AdbDevice) -> No
     result = device.shell2("echo out; echo err >&2; exit 42", v2=True)
     assert (result.returncode, result.stdout, result.stderr) == (42, "out\n", "err\n")
     assert device.shell2("true", v2=True).returncode == 0
+
+
+def test_large_output_arrives_complete_and_in_order(device: adbutils.AdbDevice) -> None:
+    result = device.shell2("seq 1 300000; seq 1 1000 >&2", v2=True)
+    assert result.stdout == "".join(f"{i}\n" for i in range(1, 300001))
+    assert result.stderr == "".join(f"{i}\n" for i in range(1, 1001))
+
+
+def test_concurrent_streams_on_one_phone_stay_apart(device: adbutils.AdbDevice) -> None:
+    def run(i: int) -> tuple[int, str]:
+        result = device.shell2(f"sleep 0.0{i % 5}; echo {i}; exit {i}", v2=True)
+        return result.returncode, result.stdout
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(run, range(16))) == [(i, f"{i}\n") for i in range(16)]
 
 
 @pytest.mark.parametrize(("sig", "code"), [("TERM", 143), ("KILL", 137)])
