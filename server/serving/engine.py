@@ -1,0 +1,242 @@
+"""The generation driver shared by /v1/completions and /v1/chat/completions.
+
+``generate_text`` turns one backend request (token ids in, ``Started`` / ``Tokens`` / ``Finished``
+out) into what an OpenAI endpoint needs: text that is safe to show (UTF-8 complete, stop strings
+held back and cut), exact token counts, and a finish reason::
+
+    async with contextlib.aclosing(generate_text(backend, params, tok, stop=["\\n\\n"])) as events:
+        async for ev in events:
+            if isinstance(ev, Delta):
+                ...  # ev.text may be "" (the first item: the phone accepted the prompt)
+            else:
+                ...  # Outcome: always the last item
+
+Cancellation: the backend request runs in a pump task of its own. Closing the iterator, a stop
+string match, or the consuming task being cancelled (client disconnect) cancels that task exactly
+once, which cancels the request on the phone (backend contract: the phone gets ``cancel`` and is
+waited for, bounded). A single cancellation matters: anyio cancel scopes (sse-starlette's task group)
+re-deliver cancellation at every await, which would cut the phone's own clean-up short if it ran in
+the consumer's task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from server.backends.base import Backend, Event, Finished, GenerationParams, Started, Tokens
+from server.errors import BackendError, ProtocolViolation
+from server.serving.stops import StopMatcher
+from server.serving.tokens import HostTokenizer
+
+logger = logging.getLogger(__name__)
+
+# Longest the consumer waits for the phone to confirm a cancellation (the phone bounds it too).
+CLEANUP_TIMEOUT_S = 15.0
+
+
+@dataclass(slots=True)
+class Delta:
+    """Text the client may see now (stop-string safe, whole UTF-8 characters)."""
+
+    text: str
+    token_count: int  # completion tokens consumed so far
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How the generation ended; always the last item of ``generate_text``."""
+
+    finish_reason: Literal["stop", "length"]  # "stop": stop id or stop string; "length": max_new/context
+    prompt_tokens: int
+    completion_tokens: int
+    matched_stop: str | int | None  # the stop string that matched (None for a stop id: the phone does
+    #                                 not say which one)
+    phone: str | None  # serial of the phone that ran it
+    timings: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+async def generate_text(
+    backend: Backend, params: GenerationParams, tokenizer: HostTokenizer, *, stop: list[str]
+) -> AsyncIterator[Delta | Outcome]:
+    """Run ``params`` on ``backend``; yield ``Delta``s then one ``Outcome``.
+
+    The first item is ``Delta("", 0)`` as soon as the phone accepted the prompt (``Started``): a
+    natural moment to send a role chunk; queueing or admission errors (429, 503) are raised before it.
+    Backend failures propagate as :class:`server.errors.QhxError` subclasses. Timings (``Outcome
+    .timings``, ms): ``queue_ms`` (host: request to ``Started``), ``prefill_ms`` and ``decode_ms``
+    (phone), ``phone_first_token_t_ms`` / ``phone_last_token_t_ms`` (phone monotonic clock; None in
+    one-shot mode), ``host_start_t_ms`` / ``host_first_token_t_ms`` (host ``time.monotonic()``).
+    """
+    detok = tokenizer.detokenizer()
+    matcher = StopMatcher(stop)
+    timings: dict[str, float | None] = {
+        "host_start_t_ms": _now_ms(), "queue_ms": None, "prefill_ms": None, "decode_ms": None,
+        "host_first_token_t_ms": None, "phone_first_token_t_ms": None, "phone_last_token_t_ms": None,
+    }
+    count = 0
+    oneshot_text: list[str] | None = None  # set when the phone sends text instead of ids
+    phone: str | None = None
+    admitted = False
+    run = _BackendRun(backend, params)
+    try:
+        while True:
+            batch = await run.next_batch()
+            if not batch:
+                raise ProtocolViolation(f"request {params.request_id}: the phone ended without `done`")
+            pieces: list[str] = []
+            finished: Finished | None = None
+            for ev in batch:
+                if isinstance(ev, Tokens):
+                    if timings["host_first_token_t_ms"] is None:
+                        timings["host_first_token_t_ms"] = _now_ms()
+                        timings["phone_first_token_t_ms"] = ev.t_ms
+                    timings["phone_last_token_t_ms"] = ev.t_ms
+                    if ev.ids:
+                        count += len(ev.ids)
+                        pieces.append(detok.feed(ev.ids))
+                    elif ev.text is not None:
+                        oneshot_text = oneshot_text if oneshot_text is not None else []
+                        oneshot_text.append(ev.text)
+                        count += 1  # one-shot output is flushed per token; exact count at the end
+                        pieces.append(detok.feed_text(ev.text))
+                elif isinstance(ev, Started):
+                    phone = ev.phone
+                    timings["queue_ms"] = _now_ms() - (timings["host_start_t_ms"] or 0.0)
+                elif isinstance(ev, Finished):
+                    finished = ev
+            if not admitted:
+                admitted = True
+                yield Delta("", 0)
+            if finished is not None:
+                pieces.append(detok.flush())
+            safe, matched = matcher.feed("".join(pieces))
+            if matched is None and finished is None:
+                if safe:
+                    yield Delta(safe, count)
+                continue
+            if matched is None:
+                safe += matcher.flush()
+            if safe:
+                yield Delta(safe, count)
+            if finished is not None:
+                timings["prefill_ms"], timings["decode_ms"] = finished.prefill_ms, finished.decode_ms
+            reason: Literal["stop", "length"]
+            if matched is not None:
+                await run.close()  # the phone stops now and is free when the client hears "stop"
+                reason = "stop"
+            else:
+                assert finished is not None
+                if finished.reason == "cancelled":
+                    raise BackendError(f"request {params.request_id} was cancelled on phone {phone}")
+                reason = finished.reason
+            if oneshot_text is not None:
+                count = len(tokenizer.encode("".join(oneshot_text)))
+            outcome = Outcome(reason, len(params.prompt_ids), count, matched, phone, timings)
+            _log_outcome(params.request_id, outcome)
+            yield outcome
+            return
+    finally:
+        await run.close()
+
+
+def _log_outcome(request_id: str, o: Outcome) -> None:
+    t = o.timings
+    decode = t.get("decode_ms")
+    tps = (o.completion_tokens / decode * 1000.0) if decode else None
+    logger.info(
+        "request %s: phone %s, %d prompt + %d completion tokens, finish %s%s, queue %s ms, "
+        "prefill %s ms, decode %s ms (%s tok/s)",
+        request_id, o.phone, o.prompt_tokens, o.completion_tokens, o.finish_reason,
+        f" ({o.matched_stop!r})" if o.matched_stop is not None else "",
+        _fmt(t.get("queue_ms")), _fmt(t.get("prefill_ms")), _fmt(decode), _fmt(tps, 1),
+    )
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+_END = object()
+
+
+class _BackendRun:
+    """``backend.generate(params)`` pumped by its own task into a buffer.
+
+    ``next_batch()`` returns every event already received (so a consumer that fell behind catches up
+    in one step instead of one chunk per token), ``[]`` at the end, or raises the backend's error.
+    ``close()`` cancels the pump task once and waits (shielded, bounded) for the phone to let go.
+    """
+
+    def __init__(self, backend: Backend, params: GenerationParams) -> None:
+        self._request_id = params.request_id
+        self._items: collections.deque[Event | BaseException | object] = collections.deque()
+        self._ready = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(
+            self._pump(backend, params), name=f"generate-{params.request_id}"
+        )
+
+    async def _pump(self, backend: Backend, params: GenerationParams) -> None:
+        agen = backend.generate(params)
+        try:
+            async for event in agen:
+                self._items.append(event)
+                self._ready.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._items.append(exc)
+        finally:
+            self._items.append(_END)  # in every case the consumer stops waiting (extra ends are unread)
+            self._ready.set()
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def next_batch(self) -> list[Event]:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        batch: list[Event] = []
+        while self._items:
+            item = self._items[0]
+            if isinstance(item, BaseException) or item is _END:
+                if batch:
+                    break  # deliver the events first, the end or the error on the next call
+                self._items.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                return []
+            batch.append(self._items.popleft())  # type: ignore[arg-type]
+        return batch
+
+    async def close(self) -> None:
+        task = self._task
+        if task.done():
+            return
+        task.cancel()
+        # shielded: under an anyio cancel scope every await is re-cancelled, but the phone's
+        # confirmation is worth waiting for (the phone is free when the response ends)
+        with anyio.CancelScope(shield=True):
+            done, _ = await asyncio.wait({task}, timeout=CLEANUP_TIMEOUT_S)
+        if not done:
+            logger.error("request %s: the backend did not let go within %.0f s", self._request_id,
+                         CLEANUP_TIMEOUT_S)
+        elif not task.cancelled() and task.exception() is not None:
+            logger.error("request %s: error while cancelling on the phone: %r", self._request_id,
+                         task.exception())
