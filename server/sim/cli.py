@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--soc", default="SM8850", help="ro.soc.model of the phones (default SM8850)")
     parser.add_argument("--speed", type=float, default=1.0,
                         help="simulated speed factor, 0 = as fast as possible (default 1)")
-    parser.add_argument("--workdir", type=Path, help="folder for sandboxes and adb files (default: a temp dir,"
-                        " removed on exit)")
+    parser.add_argument("--workdir", type=Path,
+                        help="folder for sandboxes and adb files (default: a temp dir, removed on exit)")
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
     return parser
 
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.phones < 1:
         build_parser().error("--phones must be at least 1")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, base_port = args.listen if args.listen else ("127.0.0.1", None)
     lab = SimLab(args.phones, precision=args.precision, soc=args.soc, speed=args.speed, workdir=args.workdir,
                  private_adb=args.listen is None or args.adb, host=host, base_port=base_port)

@@ -257,11 +257,13 @@ class SimLab:
     def adb(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
         """Run the real adb CLI against this lab's server."""
         return subprocess.run([self.adb_binary, "-P", str(self.adb_port), *args], check=False, env=self.env(),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                              timeout=timeout)
 
     def env(self) -> dict[str, str]:
         """Environment for child processes that should use this lab's adb server."""
-        env = {key: value for key, value in os.environ.items() if key not in ("ADB_SERVER_SOCKET", "ANDROID_SERIAL")}
+        # a socket or serial chosen for another adb server must not leak into the lab's children
+        env = {k: v for k, v in os.environ.items() if k not in ("ADB_SERVER_SOCKET", "ANDROID_SERIAL")}
         env.update({
             # adbutils' auto-start and the adb CLI both read the port from here
             "ANDROID_ADB_SERVER_PORT": str(self.adb_port),

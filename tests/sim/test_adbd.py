@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
+import re
 import socket
 import statistics
 import struct
@@ -106,14 +107,15 @@ def test_shell_v2_exit_code_and_stderr_reach_the_cli(sim_lab: SimLab, phone: Sim
 
 def test_shell_stdin_from_cli_reaches_the_process(sim_lab: SimLab, phone: SimPhone) -> None:
     result = subprocess.run([sim_lab.adb_binary, "-P", str(sim_lab.adb_port), "-s", phone.serial, "shell",
-                             "tr a-z A-Z"], check=False, input="hello\n", env=sim_lab.env(), capture_output=True,
-                            text=True, timeout=20)
+                             "tr a-z A-Z"], check=False, input="hello\n", env=sim_lab.env(),
+                            capture_output=True, text=True, timeout=20)
     assert (result.returncode, result.stdout) == (0, "HELLO\n")
 
 
 def test_exec_out_is_binary_safe(sim_lab: SimLab, phone: SimPhone) -> None:
     result = subprocess.run([sim_lab.adb_binary, "-P", str(sim_lab.adb_port), "-s", phone.serial, "exec-out",
-                             r"printf 'a\000b\r\nc'"], check=False, env=sim_lab.env(), capture_output=True, timeout=20)
+                             r"printf 'a\000b\r\nc'"], check=False, env=sim_lab.env(), capture_output=True,
+                            timeout=20)
     assert result.stdout == b"a\0b\r\nc"
 
 
@@ -188,7 +190,8 @@ def test_concurrent_streams_on_one_phone_stay_apart(device: adbutils.AdbDevice) 
 
 
 @pytest.mark.parametrize(("sig", "code"), [("TERM", 143), ("KILL", 137)])
-def test_process_killed_by_signal_exits_128_plus_signal(device: adbutils.AdbDevice, sig: str, code: int) -> None:
+def test_process_killed_by_signal_exits_128_plus_signal(device: adbutils.AdbDevice, sig: str,
+                                                        code: int) -> None:
     assert device.shell2(f"kill -{sig} $$", v2=True).returncode == code
 
 
@@ -257,7 +260,8 @@ def test_no_process_outlives_a_finished_command(device: adbutils.AdbDevice) -> N
 # --- sandbox ---------------------------------------------------------------------------------------
 
 
-def test_phone_paths_map_into_the_sandbox(sim_lab: SimLab, phone: SimPhone, device: adbutils.AdbDevice) -> None:
+def test_phone_paths_map_into_the_sandbox(sim_lab: SimLab, phone: SimPhone,
+                                          device: adbutils.AdbDevice) -> None:
     marker = f"marker-{os.getpid()}-{time.monotonic_ns()}"
     out = device.shell(f"cd /data/local/tmp && touch {marker} /sdcard/{marker} && pwd && echo $HOME")
     assert out.splitlines() == [str(phone.sandbox / "data/local/tmp"), str(phone.sandbox)]
@@ -266,11 +270,12 @@ def test_phone_paths_map_into_the_sandbox(sim_lab: SimLab, phone: SimPhone, devi
     assert not Path(f"/data/local/tmp/{marker}").exists()
     assert not Path(f"/sdcard/{marker}").exists()
     # only phone sandboxes and the adb server's own files are in the lab's folder
-    assert {p.name for p in sim_lab.workdir.iterdir()} <= {"phone1", "phone2", "phone3", "phone4", "home",
-                                                           "adb-server.log"}
+    others = {p.name for p in sim_lab.workdir.iterdir() if not re.fullmatch(r"phone\d+", p.name)}
+    assert others <= {"home", "adb-server.log", "adb.log"}
 
 
-def test_commands_only_rewrite_word_initial_phone_prefixes(phone: SimPhone, device: adbutils.AdbDevice) -> None:
+def test_commands_only_rewrite_word_initial_phone_prefixes(phone: SimPhone,
+                                                           device: adbutils.AdbDevice) -> None:
     out = device.shell("echo /data/x foo/data/x '/sdcard' /mnt/sdcard/y")
     assert out == f"{phone.sandbox}/data/x foo/data/x {phone.sandbox}/sdcard /mnt/sdcard/y"
 

@@ -47,8 +47,8 @@ def listening(port: int) -> bool:
 def test_lab_starts_phones_and_stop_leaves_no_stray_process() -> None:
     lab = SimLab(phones=2, speed=0).start()
     try:
-        assert sorted(d.serial for d in adbutils.AdbClient(port=lab.adb_port).list() if d.state == "device") == sorted(
-            p.serial for p in lab.phones)
+        listed = adbutils.AdbClient(port=lab.adb_port).list()
+        assert sorted(d.serial for d in listed if d.state == "device") == sorted(p.serial for p in lab.phones)
         assert lab.adb_server == f"127.0.0.1:{lab.adb_port}"
         assert all(p.port not in EMULATOR_PORTS for p in lab.phones)
         server_pid = adb_server_pid(lab.adb_port)
@@ -129,9 +129,10 @@ def _two_free_ports() -> int:
 def test_cli_serves_phones_on_consecutive_ports_until_interrupted(tmp_path: Path) -> None:
     port = _two_free_ports()
     code = "import sys; from server.sim.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "--phones", "2", "--listen", f"127.0.0.1:{port}", "--adb",
-                             "--speed", "0", "--workdir", str(tmp_path / "lab"), "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = ["--phones", "2", "--listen", f"127.0.0.1:{port}", "--adb", "--speed", "0",
+            "--workdir", str(tmp_path / "lab"), "--log-level", "warning"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         lines = []
