@@ -1,0 +1,195 @@
+"""OpenAI wire types for completions, models and errors (pydantic), in the spec's field order.
+
+Spec: https://platform.openai.com/docs/api-reference (openai/openai-openapi ``openapi.yaml``:
+CreateCompletionRequest, CreateCompletionResponse, Model, ListModelsResponse, Error); the client
+types of openai-python (``openai/types/completion*.py``) are the shapes tests check against.
+
+Requests accept unknown fields (clients send many; pain point 5 of openai-servers.md) and keep them
+in ``model_extra`` so the service can log them. Scalars are strict (``"16"`` is not an integer), as
+OpenAI's own validation is. Our extensions are fenced in ``--- qhx extensions ---`` blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
+
+from server.backends.base import GenerationParams
+from server.errors import UnsupportedParameter
+
+MAX_STOP_STRINGS = 4  # spec: "Up to 4 sequences"
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class StreamOptions(BaseModel):
+    """ChatCompletionStreamOptions (shared by completions and chat)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: StrictBool | None = None
+
+
+# https://platform.openai.com/docs/api-reference/completions/create
+class CompletionRequest(_Request):
+    model: StrictStr
+    # str | [str] | [int] | [[int]]; absent/null means "<|endoftext|>" (spec default)
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = None
+    best_of: StrictInt | None = Field(None, ge=0, le=20)
+    echo: StrictBool | None = False
+    frequency_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[StrictStr, StrictFloat] | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    max_tokens: StrictInt | None = Field(16, ge=0)  # explicit null: as many as fit in the context
+    n: StrictInt | None = Field(1, ge=1, le=128)
+    presence_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: StrictStr | None = None
+    temperature: StrictFloat | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(1.0, ge=0.0, le=1.0)
+    user: StrictStr | None = None  # accepted, ignored
+    # --- qhx extensions (vLLM's names; not in the OpenAI spec) ---
+    top_k: StrictInt | None = Field(None, ge=-1)  # 0 or -1: off
+    repetition_penalty: StrictFloat | None = Field(None, gt=0.0, le=2.0)  # 1: off
+    return_timings: StrictBool | None = False  # add the phone's timeline ("timings") to the final chunk
+    # --- end qhx extensions ---
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(v)}")
+        return v
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def check_supported(self) -> None:
+        """Reject, naming the field, every non-default value we cannot honour (never silently ignore a
+        parameter that changes the output)."""
+        if self.n not in (None, 1):
+            raise UnsupportedParameter("Only n=1 is supported.", param="n")
+        if self.best_of not in (None, 0, 1):
+            raise UnsupportedParameter("best_of > 1 is not supported.", param="best_of")
+        if self.logprobs:  # null and 0 are accepted; the response's logprobs is always null
+            raise UnsupportedParameter("logprobs are not supported.", param="logprobs")
+        if self.suffix:
+            raise UnsupportedParameter("suffix (insertion) is not supported.", param="suffix")
+        if self.presence_penalty:
+            raise UnsupportedParameter(
+                "presence_penalty is not supported; repetition_penalty is.", param="presence_penalty"
+            )
+        if self.frequency_penalty:
+            raise UnsupportedParameter(
+                "frequency_penalty is not supported; repetition_penalty is.", param="frequency_penalty"
+            )
+        if self.logit_bias:
+            raise UnsupportedParameter("logit_bias is not supported.", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedParameter(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+            )
+
+    def to_generation_params(
+        self, *, request_id: str, model: str, prompt_ids: list[int], max_new: int, stop_ids: list[int],
+        prompt_text: str | None = None,
+    ) -> GenerationParams:
+        return GenerationParams(
+            request_id=request_id,
+            model=model,
+            prompt_ids=prompt_ids,
+            max_new=max_new,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            repetition_penalty=self.repetition_penalty or 1.0,
+            seed=self.seed,
+            stop_ids=stop_ids,
+            prompt_text=prompt_text,
+        )
+
+
+# https://platform.openai.com/docs/api-reference/completions/object
+class CompletionChoice(BaseModel):
+    finish_reason: Literal["stop", "length", "content_filter"] | None
+    index: int
+    logprobs: None = None
+    text: str
+
+
+class CompletionUsage(BaseModel):
+    completion_tokens: int
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """A completion, and also a streamed chunk of one (same shape, unlike chat)."""
+
+    id: str
+    choices: list[CompletionChoice]
+    created: int
+    model: str
+    object: Literal["text_completion"] = "text_completion"
+    usage: CompletionUsage | None = None
+    # --- qhx extensions ---
+    timings: dict[str, Any] | None = None  # only when the request set return_timings
+    # --- end qhx extensions ---
+
+
+# https://platform.openai.com/docs/api-reference/models/object
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "qhx-server"
+    # --- qhx extensions (max_model_len as vLLM; context_length as LM Studio/Ollama asks) ---
+    max_model_len: int
+    context_length: int
+    precision: str
+    phones: list[str]
+    simulated: bool  # true: tokens come from simulated phones, not from the model
+    # --- end qhx extensions ---
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# https://platform.openai.com/docs/api-reference (openapi.yaml: Error, ErrorResponse)
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
