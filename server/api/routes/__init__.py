@@ -1,0 +1,1 @@
+"""Thin routers: fetch the service from ``app.state``, call it, return."""

@@ -1,0 +1,31 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from server.api.sse import respond_unless_disconnected, stream_response
+from server.serving.completions import CompletionService
+from server.serving.protocol import CompletionRequest
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    service: CompletionService = request.app.state.completions
+    prepared = await service.prepare(body)
+    request_id = request.state.request_id
+    logger.info("request %s is %s (model %s, %d prompt tokens, max %d new, stream %s)", request_id,
+                prepared.id, prepared.model, len(prepared.params.prompt_ids), prepared.params.max_new,
+                bool(body.stream))
+    if body.stream:
+        return await stream_response(
+            service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=prepared.id
+        )
+    return await respond_unless_disconnected(request, service.complete(prepared), request_id=prepared.id)
+
