@@ -45,7 +45,7 @@ _V2_HEADER = struct.Struct("<BI")
 
 # Ports the adb server scans on its own as emulators; a phone there would show up twice.
 EMULATOR_PORTS = range(5555, 5586)
-KILL_GRACE_S = 0.05
+KILL_GRACE_S = 0.03  # SIGHUP -> SIGKILL; with reaping well inside the 100 ms budget
 
 Service = Callable[["Stream"], Awaitable[None]]
 

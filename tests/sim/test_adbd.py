@@ -235,8 +235,10 @@ def test_v2_stdin_reaches_the_process_and_close_stdin_ends_it(device: adbutils.A
         assert read_v2_until_exit(conn) == (b"got:hello\nrest", b"", 7)
 
 
-def test_closing_the_stream_kills_the_process_group_within_100ms(device: adbutils.AdbDevice) -> None:
-    conn = device.shell("echo $$; sleep 30 & sleep 31", stream=True)
+@pytest.mark.parametrize("prefix", ["", "trap '' HUP; "], ids=["plain", "ignoring-sighup"])
+def test_closing_the_stream_kills_the_process_group_within_100ms(device: adbutils.AdbDevice,
+                                                                 prefix: str) -> None:
+    conn = device.shell(prefix + "echo $$; sleep 30 & sleep 31", stream=True)
     with conn.conn.makefile("rb") as out:
         pgid = int(out.readline())
     assert len(group_members(pgid)) == 3  # sh and both sleeps
