@@ -1,0 +1,84 @@
+"""Failures: the phone dies mid-stream, the queue is full, no phone at all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from conftest import LiveServer, ServerThread
+
+from server.api.app import create_app
+from server.settings import Settings
+from server.sim.harness import SimLab
+
+
+def test_phone_crash_mid_stream_ends_with_an_error_event(live: LiveServer, phone_knobs: Any) -> None:
+    phone_knobs(crash_after=3)
+    body = {"model": live.model, "prompt": "Go on", "max_tokens": 50, "stream": True}
+    with httpx.stream("POST", live.base_url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] != "data: [DONE]"
+    err = json.loads(lines[-1][6:])["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "server_error"
+    assert any(json.loads(line[6:]).get("choices") for line in lines[:-1])  # text came first
+    # the openai client raises it
+    with pytest.raises(openai.APIError):
+        for _ in live.client().completions.create(model=live.model, prompt="Go on", max_tokens=50, stream=True):
+            pass
+    live.phone.configure(crash_after=None)
+    live.wait_idle(timeout=15)  # the session restarts
+
+
+def test_phone_crash_without_streaming_is_a_5xx_envelope(live: LiveServer, phone_knobs: Any) -> None:
+    phone_knobs(crash_after=3)
+    r = httpx.post(live.base_url + "/v1/completions", json={"model": live.model, "prompt": "Go", "max_tokens": 20},
+                   timeout=30)
+    assert r.status_code >= 500 and r.status_code != 500
+    assert r.json()["error"]["code"] in {"phone_lost", "phone_error", "protocol_violation"}
+    live.phone.configure(crash_after=None)
+    live.wait_idle(timeout=15)
+
+
+async def test_full_queue_is_429_before_the_stream_starts(live: LiveServer, phone_knobs: Any) -> None:
+    phone_knobs(speed=1)  # max_queue is 1: one request runs, one waits, the third is refused
+    async with live.async_client() as client:
+
+        async def hold() -> None:
+            stream = await client.completions.create(model=live.model, prompt="Go on", max_tokens=40, stream=True)
+            async for _ in stream:
+                pass
+
+        running = asyncio.ensure_future(hold())
+        await asyncio.sleep(0.3)
+        waiting = asyncio.ensure_future(hold())
+        await asyncio.sleep(0.3)
+        with pytest.raises(openai.RateLimitError) as e:
+            await client.completions.create(model=live.model, prompt="Go on", max_tokens=5, stream=True)
+        assert e.value.response.headers["retry-after"] == "1"
+        assert e.value.code == "queue_full"
+        for task in (running, waiting):
+            task.cancel()
+        await asyncio.gather(running, waiting, return_exceptions=True)
+    await asyncio.to_thread(live.wait_idle, 2.0)
+
+
+@pytest.fixture(scope="module")
+def no_phone() -> Iterator[str]:
+    """A server whose adb server has no phone at all."""
+    with SimLab(phones=0) as lab, ServerThread(create_app(Settings(adb_servers=[lab.adb_server], sim=0))) as st:
+        yield f"http://127.0.0.1:{st.port}"
+
+
+def test_without_phones_health_is_ok_but_not_ready(no_phone: str) -> None:
+    assert httpx.get(no_phone + "/health").json() == {"status": "ok"}
+    r = httpx.get(no_phone + "/ready")
+    assert r.status_code == 503 and r.json()["phones"] == []
+    assert httpx.get(no_phone + "/v1/models").json() == {"object": "list", "data": []}
+    r = httpx.post(no_phone + "/v1/completions", json={"model": "qwen3.5-0.8b", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
