@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import Any
 
 SIM_JSON = "sim.json"
 DECODE_TPS = {"fp16": 22.7, "w8": 24.2}  # model card, SM8850
+RECENT_NS = 2_000_000_000
 
 DEFAULTS: dict[str, Any] = {
     "load_s": 1.5,
@@ -119,8 +121,11 @@ class SimConfigWatcher:
         except FileNotFoundError:
             self._key, self._config = None, SimConfig()
             return self._config
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)  # atomic replaces change the inode
-        if key != self._key:
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        # A freed inode can be reused by the next atomic replace and file systems with coarse
+        # timestamps may give it the same mtime: a recently written file is always re-read.
+        recent = time.time_ns() - st.st_mtime_ns < RECENT_NS
+        if key != self._key or recent:
             try:
                 data = json.loads(self._path.read_text(encoding="utf-8"))
                 self._config = SimConfig.from_mapping(data)
