@@ -1,0 +1,41 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from server.api.sse import respond_unless_disconnected, stream_response
+from server.serving.chat.protocol import ChatCompletionRequest
+from server.serving.chat.service import ChatService
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def chat_service(request: Request) -> ChatService:
+    """The app's ChatService (built on first use from the lifespan's backend and model registry)."""
+    state = request.app.state
+    service: ChatService | None = getattr(state, "chat", None)
+    if service is None:
+        service = state.chat = ChatService(state.backend, state.models)
+    return service
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    service = chat_service(request)
+    prepared = await service.prepare(body)
+    logger.info(
+        "request %s is %s (model %s, %d messages, %d prompt tokens, max %d new, tools %d, thinking %s, "
+        "stream %s)", request.state.request_id, prepared.id, prepared.model, len(body.messages),
+        len(prepared.params.prompt_ids), prepared.params.max_new, len(body.tools or []),
+        prepared.prompt.thinking, bool(body.stream),
+    )
+    if body.stream:
+        return await stream_response(
+            service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=prepared.id
+        )
+    return await respond_unless_disconnected(request, service.complete(prepared), request_id=prepared.id)

@@ -1,0 +1,268 @@
+"""/v1/chat/completions semantics on top of :func:`server.serving.engine.generate_text`.
+
+``prepare`` does everything that can fail before the HTTP status is sent (unsupported parameters,
+model, messages, tools, template, context length) and raises :class:`server.errors.QhxError`
+subclasses; ``complete`` (one JSON body) or ``stream`` (JSON chunk texts, without SSE framing) then
+run it. ``render`` is the prompt alone, for the /tokenize and /apply-template debug endpoints.
+
+Choices where the spec is silent are in docs/chat.md: thinking off unless
+``chat_template_kwargs.enable_thinking`` (or top-level ``enable_thinking``) is true; generation
+stops at ``<|im_end|>`` and ``<|endoftext|>``; no max tokens means "as many as fit in the context";
+a prompt that cannot fit is a 400 ``context_length_exceeded``, never truncated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from server.backends.base import Backend, GenerationParams, ModelInfo
+from server.errors import ContextLengthExceeded
+from server.serving.chat.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatFinishReason,
+    ChunkChoice,
+    Delta,
+    DeltaFunction,
+    DeltaToolCall,
+    ToolCallFunction,
+    ToolCallOut,
+)
+from server.serving.chat.reply import Piece, Reasoning, ReplyParser
+from server.serving.chat.template import ChatTemplate
+from server.serving.chat.tools import ArgumentsDelta, CallStarted, Text, ToolPlan, plan_tools
+from server.serving.engine import Delta as TextDelta
+from server.serving.engine import Outcome, generate_text
+from server.serving.models import ModelRegistry
+from server.serving.protocol import CompletionUsage
+from server.serving.tokens import ENDOFTEXT, IM_END, HostTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RenderedPrompt:
+    """A conversation rendered for one model: the prompt text, its ids, and how it was made."""
+
+    info: ModelInfo
+    tokenizer: HostTokenizer
+    text: str  # includes the tool_choice pre-fill, if any
+    ids: list[int]
+    plan: ToolPlan
+    thinking: bool  # the prompt ends inside an open think block
+    template_source: str
+
+
+@dataclass(slots=True)
+class PreparedChat:
+    """A validated request, rendered and tokenized, ready for the phone."""
+
+    request: ChatCompletionRequest
+    id: str  # "chatcmpl-...": also the request id on the phone and in logs
+    created: int
+    prompt: RenderedPrompt
+    params: GenerationParams
+
+    @property
+    def model(self) -> str:
+        return self.prompt.info.name
+
+
+def context_error(max_context: int, prompt_tokens: int, requested: int | None, param: str) -> ContextLengthExceeded:
+    """OpenAI's wording for chat, with both numbers; ``param`` names what to shorten."""
+    if requested is None or prompt_tokens >= max_context:
+        return ContextLengthExceeded(
+            f"This model's maximum context length is {max_context} tokens. However, your messages resulted "
+            f"in {prompt_tokens} tokens, which leaves no room for the reply. Please reduce the length of the "
+            "messages.",
+            param="messages",
+        )
+    return ContextLengthExceeded(
+        f"This model's maximum context length is {max_context} tokens. However, you requested "
+        f"{prompt_tokens + requested} tokens ({prompt_tokens} in the messages, {requested} in the completion). "
+        "Please reduce the length of the messages or completion.",
+        param=param,
+    )
+
+
+class ChatService:
+    """The /v1/chat/completions endpoint, minus HTTP."""
+
+    def __init__(self, backend: Backend, registry: ModelRegistry) -> None:
+        self._backend = backend
+        self._registry = registry
+        self._templates: dict[str, ChatTemplate] = {}  # tokenizer folder -> its template
+
+    def template_for(self, info: ModelInfo) -> ChatTemplate:
+        """The model's chat template: its bundle's own when the tokenizer folder holds one (see
+        :func:`~server.serving.chat.template.load_chat_template`), else the built-in one."""
+        folder = str(Path(info.tokenizer_path).parent) if info.tokenizer_path else ""
+        template = self._templates.get(folder)
+        if template is None:
+            template = ChatTemplate.for_bundle(Path(folder) if folder else None)
+            logger.info("model %s: chat template %s", info.name, template.source)
+            self._templates[folder] = template
+        return template
+
+    async def render(self, request: ChatCompletionRequest, *, add_generation_prompt: bool = True) -> RenderedPrompt:
+        """Render and tokenize the conversation (no length checks beyond a cheap bound)."""
+        info = self._registry.resolve(request.model)
+        tok = await self._registry.tokenizer(info)
+        plan = plan_tools(request.template_tools(), request.template_tool_choice())
+        # a forced call is written right after a closed (empty) think block
+        thinking = request.thinking and not plan.prefill and add_generation_prompt
+        template = self.template_for(info)
+        kwargs = dict(request.chat_template_kwargs or {})
+        kwargs.pop("enable_thinking", None)
+        text = template.render(
+            request.template_messages(), plan.rendered, add_generation_prompt=add_generation_prompt,
+            enable_thinking=thinking, **kwargs,
+        )
+        if add_generation_prompt:
+            text += plan.prefill
+        if tok.min_tokens(text) > info.max_context:  # before tokenizing: huge prompts fail in ~1 ms
+            raise context_error(info.max_context, tok.min_tokens(text), None, "messages")
+        ids = await tok.encode_async(text)
+        return RenderedPrompt(info, tok, text, ids, plan, thinking, template.source)
+
+    async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+        chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if request.unknown_fields:
+            logger.info("request %s: ignoring unknown fields %s", chat_id, request.unknown_fields)
+        request.check_supported()
+        prompt = await self.render(request)
+        max_context, n_prompt = prompt.info.max_context, len(prompt.ids)
+        requested, param = request.max_new_requested
+        if requested is None:
+            max_new = max_context - n_prompt
+            if max_new <= 0:
+                raise context_error(max_context, n_prompt, None, param)
+        else:
+            max_new = requested
+            if n_prompt + max_new > max_context:
+                raise context_error(max_context, n_prompt, max_new, param)
+        tok = prompt.tokenizer
+        params = request.to_generation_params(
+            request_id=chat_id, model=prompt.info.name, prompt_ids=prompt.ids, max_new=max_new,
+            stop_ids=[tok.special_id(IM_END), tok.special_id(ENDOFTEXT)], prompt_text=prompt.text,
+        )
+        return PreparedChat(request, chat_id, int(time.time()), prompt, params)
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def _run(self, p: PreparedChat) -> AsyncGenerator[TextDelta | Outcome, None]:
+        if p.params.max_new == 0:  # nothing to generate: no phone needed
+            yield TextDelta("", 0)
+            yield Outcome("length", len(p.params.prompt_ids), 0, None, None, {})
+            return
+        generation = cast(  # an async generator, annotated as an iterator by the engine
+            AsyncGenerator[TextDelta | Outcome, None],
+            generate_text(self._backend, p.params, p.prompt.tokenizer, stop=p.request.stop_strings),
+        )
+        async with contextlib.aclosing(generation) as events:
+            async for ev in events:
+                yield ev
+
+    def _reply(self, p: PreparedChat) -> ReplyParser:
+        return ReplyParser(p.prompt.plan, thinking=p.prompt.thinking,
+                           parallel_tool_calls=p.request.parallel_tool_calls is not False)
+
+    async def complete(self, p: PreparedChat) -> str:
+        """The whole reply, as the response's JSON text."""
+        reply = self._reply(p)
+        outcome: Outcome | None = None
+        async with contextlib.aclosing(self._run(p)) as events:
+            async for ev in events:
+                if isinstance(ev, TextDelta):
+                    reply.feed(ev.text)
+                else:
+                    outcome = ev
+        assert outcome is not None
+        reply.finish()
+        calls = [ToolCallOut(id=c.id, function=ToolCallFunction(arguments=c.arguments, name=c.name))
+                 for c in reply.calls]
+        message = AssistantMessage(
+            content=reply.content if reply.content or not calls else None,
+            tool_calls=calls or None,
+            reasoning_content=reply.reasoning or None,
+        )
+        body = ChatCompletion(
+            id=p.id, created=p.created, model=p.model,
+            choices=[ChatChoice(finish_reason=_finish_reason(outcome, reply), message=message)],
+            usage=_usage(outcome), timings=_timings(p, outcome),
+        )
+        return body.model_dump_json(exclude=None if p.request.return_timings else {"timings"})
+
+    async def stream(self, p: PreparedChat) -> AsyncGenerator[str, None]:
+        """The chunks' JSON texts in OpenAI's order: the role chunk (when the phone accepted the
+        prompt), reasoning/content/tool-call deltas, the finish chunk (empty delta), then (with
+        ``stream_options.include_usage``) a usage chunk with no choices. The SSE layer adds framing
+        and ``[DONE]``."""
+        include_usage = p.request.include_usage
+        exclude = {"timings"} if include_usage else {"timings", "usage"}
+
+        def chunk(delta: Delta, finish: ChatFinishReason | None = None,
+                  timings: dict[str, object] | None = None) -> str:
+            c = ChatCompletionChunk(
+                id=p.id, created=p.created, model=p.model,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)], timings=timings,
+            )
+            return c.model_dump_json(exclude=exclude - {"timings"} if timings is not None else exclude)
+
+        reply = self._reply(p)
+        role_sent = False
+        async with contextlib.aclosing(self._run(p)) as events:
+            async for ev in events:
+                if isinstance(ev, TextDelta):
+                    if not role_sent:  # at admission: queueing errors stay HTTP errors
+                        role_sent = True
+                        yield chunk(Delta(role="assistant", content=""))
+                    for piece in reply.feed(ev.text):
+                        yield chunk(_delta(piece))
+                    continue
+                for piece in reply.finish():
+                    yield chunk(_delta(piece))
+                yield chunk(Delta(), _finish_reason(ev, reply), _timings(p, ev))
+                if include_usage:
+                    usage = ChatCompletionChunk(id=p.id, created=p.created, model=p.model, choices=[],
+                                                usage=_usage(ev))
+                    yield usage.model_dump_json(exclude={"timings"})
+
+
+def _delta(piece: Piece) -> Delta:
+    if isinstance(piece, Reasoning):
+        return Delta(reasoning_content=piece.text)
+    if isinstance(piece, Text):
+        return Delta(content=piece.text)
+    if isinstance(piece, CallStarted):
+        return Delta(tool_calls=[DeltaToolCall(
+            index=piece.index, id=piece.id, type="function", function=DeltaFunction(name=piece.name, arguments="")
+        )])
+    assert isinstance(piece, ArgumentsDelta)
+    return Delta(tool_calls=[DeltaToolCall(index=piece.index, function=DeltaFunction(arguments=piece.fragment))])
+
+
+def _finish_reason(outcome: Outcome, reply: ReplyParser) -> ChatFinishReason:
+    # a reply cut by max tokens stays "length" even inside a call (its arguments may be partial)
+    return "tool_calls" if reply.calls and outcome.finish_reason == "stop" else outcome.finish_reason
+
+
+def _usage(o: Outcome) -> CompletionUsage:
+    return CompletionUsage(completion_tokens=o.completion_tokens, prompt_tokens=o.prompt_tokens,
+                           total_tokens=o.total_tokens)
+
+
+def _timings(p: PreparedChat, o: Outcome) -> dict[str, object] | None:
+    if not p.request.return_timings:
+        return None
+    return {"phone": o.phone, **o.timings}
