@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import install_error_handlers
-from server.api.routes import completions, health, models
+from server.api.routes import chat, completions, health, models, tokenize
 from server.backends.base import Backend
 from server.serving.completions import CompletionService
 from server.serving.models import ModelRegistry
@@ -67,6 +67,8 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response, errors included, carries it
     app.include_router(completions.router)
+    app.include_router(chat.router)
+    app.include_router(tokenize.router)
     app.include_router(models.router)
     app.include_router(health.router)
     return app
