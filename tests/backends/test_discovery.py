@@ -70,6 +70,10 @@ def test_arch_check_explains_a_mismatch() -> None:
     assert arch_mismatch({"soc_model": "SM8850"}, "SM8850") is None
 
 
-def test_props_parsing_keeps_empty_values_out() -> None:
-    props = parse_props("prop:ro.product.model=Pixel 9\nprop:ro.soc.model=SM8850\nprop:ro.qhx.simulated=\n")
-    assert props == {"ro.product.model": "Pixel 9", "ro.soc.model": "SM8850", "ro.qhx.simulated": ""}
+def test_props_parsing_reads_getprop_output() -> None:
+    text = "[ro.product.model]: [Pixel 9]\n[ro.soc.model]: [SM8850]\n[ro.qhx.simulated]: []\nnoise\n"
+    assert parse_props(text) == {
+        "ro.product.model": "Pixel 9",
+        "ro.soc.model": "SM8850",
+        "ro.qhx.simulated": "",
+    }

@@ -39,7 +39,6 @@ SOC_ARCH: dict[str, str] = {
     "SM8450": "v69",
     "SM8350": "v68",
 }
-PROPS = ("ro.product.model", "ro.soc.model", "ro.qhx.simulated")
 DEFAULT_BUNDLE = "qwen35"
 TOKENIZER = "tokenizer.json"
 _MANIFEST = re.compile(r"^(?P<family>.+)-(?P<context>\d+)\.json$")
@@ -87,12 +86,16 @@ class PhoneFacts:
 # --------------------------------------------------------------------------- pure parts
 
 
+_PROP_LINE = re.compile(r"^\[(?P<key>[^\]]+)\]: \[(?P<value>.*)\]$")
+
+
 def parse_props(text: str) -> dict[str, str]:
+    """Properties from ``getprop`` (no argument) output: ``[key]: [value]`` lines."""
     props: dict[str, str] = {}
     for line in text.splitlines():
-        if line.startswith("prop:") and "=" in line:
-            key, _, value = line[5:].partition("=")
-            props[key] = value.strip()
+        m = _PROP_LINE.match(line.strip())
+        if m:
+            props[m["key"]] = m["value"]
     return props
 
 
@@ -177,9 +180,9 @@ def model_identity(bundle: Bundle, settings: Settings) -> tuple[str, int]:
 async def discover(client: AdbServerClient, serial: str, settings: Settings) -> PhoneFacts:
     """Everything needed to serve from this phone (``problem`` says why not). PhoneLost on adb trouble."""
     root = settings.device_root.rstrip("/") or "/"
+    # one process for all properties (each getprop costs a process start on the phone)
     script = (
-        f'for p in {" ".join(PROPS)}; do echo "prop:$p=$(getprop $p)"; done; '
-        f"cd {sh_quote(root)} 2>/dev/null && for f in */*.json */*.bin; do "
+        f"getprop; cd {sh_quote(root)} 2>/dev/null && for f in */*.json */*.bin; do "
         '[ -f "$f" ] && echo "file:$f"; done; true'
     )
     res = await run_shell(client, serial, script, timeout=settings.adb_timeout_s)

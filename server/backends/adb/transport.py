@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from adbutils import AdbClient
 from adbutils._adb import AdbConnection
-from adbutils.errors import AdbError
+from adbutils.errors import AdbConnectionError, AdbError
 
 from server.errors import PhoneLost
 from server.settings import Settings
@@ -86,11 +86,29 @@ def resolve_adb_servers(
 
 
 class _Connection(AdbConnection):
-    """adbutils' connection, minus its habit of spawning ``adb start-server`` when connect fails
-    (which would start a server on the wrong port, or on this host for a remote server)."""
+    """adbutils' connection without its habit of spawning ``adb start-server`` when connect fails
+    (which would start a server on the wrong port, or on this host for a remote server), and without
+    leaking the socket of a failed connect."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float) -> None:
+        self._address = (host, port)
+        self._connect_timeout = connect_timeout
+        super().__init__(host, port)
 
     def _safe_connect(self) -> socket.socket:
-        sock: socket.socket = self._create_socket()
+        try:
+            sock = socket.create_connection(self._address, timeout=self._connect_timeout)
+        except OSError as e:
+            raise AdbConnectionError(
+                f"connect to adb server {format_server(*self._address)} failed: {e}"
+            ) from e
+        # keepalive: a long-lived stream to a remote adb server notices a dead host
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
 
@@ -105,7 +123,7 @@ class AdbServerClient(AdbClient):
         self.timeout = timeout
 
     def make_connection(self, timeout: float | None = None) -> AdbConnection:
-        conn = _Connection(self.host, self.port)
+        conn = _Connection(self.host, self.port, min(self.timeout, 3.0))
         conn.conn.settimeout(timeout or self.timeout)
         return conn
 
