@@ -1,0 +1,538 @@
+"""One long-lived ``qhx_generate`` process on a phone, speaking session protocol v1 (device-protocol.md 3).
+
+A background reader task owns the stream: it splits stdout into JSON lines and routes each event to
+the request in flight (an inbox), logs stderr lines with the phone's serial, and notices the end of the
+process or of the adb stream. ``generate()`` turns the inbox into contract events and enforces order::
+
+    start -> tok* -> done          (or error with our id, at any point)
+
+Failure handling, in one place:
+  * stream ends / process exits      -> PhoneLost (the session is dead; the owner restarts it)
+  * token gap > stall timeout        -> PhoneStalled, and the session is aborted (restart)
+  * events out of order / malformed  -> ProtocolViolation, session aborted (the phone's state is unknown)
+  * ``error`` with our id            -> PhoneRequestError / PhoneBusy / ContextLengthExceeded; session lives
+  * consumer leaves early            -> ``cancel`` sent, wait (bounded) for ``done``; if it never
+                                        comes, the session is aborted
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.backends.adb.transport import (
+    STDERR,
+    STDOUT,
+    AdbServerClient,
+    LineBuffer,
+    ShellStream,
+    open_shell,
+)
+from server.backends.base import Event, Finished, GenerationParams, Started, Tokens
+from server.errors import (
+    BackendError,
+    ContextLengthExceeded,
+    PhoneBusy,
+    PhoneLost,
+    PhoneRequestError,
+    PhoneStalled,
+    ProtocolViolation,
+)
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+stderr_log = logging.getLogger("server.backends.adb.stderr")
+
+PROTO = 1
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+class SessionUnsupported(Exception):
+    """The runtime did not answer with a ``ready`` event: it does not speak session protocol v1."""
+
+
+@dataclass(eq=False)
+class _Closed:
+    reason: str
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    inbox: deque[dict[str, Any] | _Closed] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    last_at: float = 0.0  # loop time of the last event (the stall clock)
+    started: bool = False
+    completion: int = 0
+    cancel_deadline: float | None = None
+
+
+def request_message(params: GenerationParams) -> dict[str, Any]:
+    """The ``generate`` op for params (device-protocol.md, host -> phone)."""
+    return {
+        "op": "generate",
+        "id": params.request_id,
+        "prompt_ids": params.prompt_ids,
+        "max_new": params.max_new,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "repetition_penalty": params.repetition_penalty,
+        "seed": params.seed,
+        "stop_ids": params.stop_ids,
+        "reset": params.reset,
+    }
+
+
+def request_error(ev: dict[str, Any], serial: str) -> BackendError | ContextLengthExceeded:
+    code = ev.get("code")
+    message = f"{serial}: {ev.get('message') or code}"
+    if code == "context_overflow":
+        return ContextLengthExceeded(f"prompt plus max_tokens exceed the model's context ({message})")
+    if code == "busy":
+        return PhoneBusy(message)
+    return PhoneRequestError(f"phone rejected the request ({code}): {message}")
+
+
+class Session:
+    """A started session; build it with ``await Session.start(...)``."""
+
+    def __init__(
+        self,
+        stream: ShellStream,
+        serial: str,
+        settings: Settings,
+        *,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.serial = serial
+        self.ready: dict[str, Any] = {}
+        self.closed_reason: str | None = None
+        self.pending_cleanup: asyncio.Task[None] | None = None
+        self._stream = stream
+        self._settings = settings
+        self._on_idle = on_idle
+        self._loop = asyncio.get_running_loop()
+        self._out = bytearray()
+        self._err = LineBuffer()
+        self._stderr_tail: deque[str] = deque(maxlen=8)
+        self._fatal: str | None = None
+        self._saw_text = False
+        self._ready_fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._closed = asyncio.Event()
+        self._request: _Request | None = None
+        self._pings: dict[str, asyncio.Future[float]] = {}
+        self._ping_seq = 0
+        self._reader: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def start(
+        cls,
+        client: AdbServerClient,
+        serial: str,
+        command: str,
+        settings: Settings,
+        *,
+        on_idle: Callable[[], None] | None = None,
+    ) -> Session:
+        """Launch the runtime and wait for ``ready``. Raises SessionUnsupported or PhoneLost."""
+        stream = await open_shell(client, serial, command)
+        self = cls(stream, serial, settings, on_idle=on_idle)
+        self._reader = asyncio.create_task(self._read_loop(), name=f"qhx-session-reader-{serial}")
+        try:
+            async with asyncio.timeout(settings.ready_timeout_s):
+                self.ready = await asyncio.shield(self._ready_fut)
+        except TimeoutError:
+            self.abort(f"no `ready` within {settings.ready_timeout_s:g} s")
+            raise PhoneLost(
+                f"{serial}: session start: no `ready` within {settings.ready_timeout_s:g} s"
+            ) from None
+        except BaseException:
+            self.abort("session start failed")
+            raise
+        logger.info(
+            "%s: session ready (model %s, %s, load %s ms)",
+            serial,
+            self.ready.get("model"),
+            self.ready.get("precision"),
+            self.ready.get("load_ms"),
+        )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.closed_reason is None
+
+    @property
+    def busy(self) -> bool:
+        return self._request is not None
+
+    @property
+    def request_id(self) -> str | None:
+        return self._request.id if self._request else None
+
+    async def wait_closed(self) -> str:
+        await self._closed.wait()
+        assert self.closed_reason is not None
+        return self.closed_reason
+
+    def abort(self, reason: str) -> None:
+        """Kill the process (closing the adb stream does that) and fail whoever waits."""
+        if self.closed_reason is None:
+            self.closed_reason = reason
+            logger.warning("%s: session aborted: %s", self.serial, reason)
+        self._stream.abort()
+
+    async def close(self) -> None:
+        """Graceful stop: close stdin (the runtime exits 0), bounded wait, then abort."""
+        if self.alive:
+            self._stream.close_stdin()
+            try:
+                async with asyncio.timeout(self._settings.cancel_timeout_s):
+                    await self._closed.wait()
+            except TimeoutError:
+                pass
+        if self.closed_reason is None:
+            self.closed_reason = "session closed"
+        self._stream.abort()
+        if self._reader is not None:
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> None:
+        reason = "adb stream closed"
+        try:
+            while packets := await self._stream.read_packets():
+                for kind, data in packets:
+                    if kind == STDOUT:
+                        self._on_stdout(data)
+                    elif kind == STDERR:
+                        self._on_stderr(data)
+            code = self._stream.exit_code
+            if code is None:
+                reason = "adb stream dropped (phone or adb link lost)"
+            else:
+                reason = f"qhx_generate exited with code {code}"
+        except (ConnectionError, OSError) as e:
+            reason = f"adb stream failed: {e!r}"
+        except Exception as e:  # a bug in this module must not leave waiters hanging
+            logger.exception("%s: session reader crashed", self.serial)
+            reason = f"session reader crashed: {e!r}"
+        finally:
+            self._stream.abort()  # after EOF asyncio keeps the socket half-open: release it
+            self._on_closed(reason)
+
+    def _on_stdout(self, data: bytes) -> None:
+        out = self._out
+        out += data
+        if not self._ready_fut.done():
+            head = bytes(out).lstrip()
+            if head and not head.startswith(b"{"):
+                self._saw_text = True
+                self._fail_ready(
+                    SessionUnsupported(f"the runtime printed text instead of a `ready` event: {head[:60]!r}")
+                )
+                self._stream.abort()
+                return
+        if b"\n" not in data:
+            return
+        *lines, rest = out.split(b"\n")
+        self._out = bytearray(rest)
+        for line in lines:
+            if line.strip():
+                self._on_line(line)
+
+    def _on_line(self, line: bytes) -> None:
+        try:
+            ev = json.loads(line)
+            kind = ev["ev"] if isinstance(ev, dict) else None
+        except (ValueError, KeyError):
+            kind = None
+        if not isinstance(kind, str):
+            if not self._ready_fut.done():
+                self._saw_text = True
+                self._fail_ready(SessionUnsupported(f"first stdout line is not an event: {line[:60]!r}"))
+                self._stream.abort()
+            else:
+                logger.warning("%s: skipping garbage stdout line: %r", self.serial, line[:200])
+            return
+        if not self._ready_fut.done():
+            self._on_first_event(kind, ev)
+            return
+        if kind == "pong":
+            fut = self._pings.pop(str(ev.get("id")), None)
+            if fut is not None and not fut.done():
+                fut.set_result(self._loop.time())
+            return
+        if kind == "error" and ev.get("id") is None:
+            if ev.get("code") == "bad_request":  # a line of ours it could not read an id from
+                logger.error("%s: phone rejected a host line: %s", self.serial, ev.get("message"))
+                return
+            # fatal: the process exits after it; abort anyway so that a restart cannot wait on it
+            self._fatal = str(ev.get("message") or ev.get("code") or "fatal error")
+            logger.error("%s: runtime fatal error: %s", self.serial, self._fatal)
+            self.abort(f"runtime fatal error: {self._fatal}")
+            return
+        req = self._request
+        if req is None:
+            logger.warning(
+                "%s: %s event with no request in flight (id %r), ignored", self.serial, kind, ev.get("id")
+            )
+            return
+        self._push(req, ev)
+
+    def _on_first_event(self, kind: str, ev: dict[str, Any]) -> None:
+        if kind == "ready":
+            if ev.get("proto", PROTO) != PROTO:
+                logger.warning(
+                    "%s: runtime speaks protocol %r, host speaks %d", self.serial, ev.get("proto"), PROTO
+                )
+            self._ready_fut.set_result(ev)
+        elif kind == "error":
+            self._fatal = str(ev.get("message") or ev.get("code") or "fatal error")
+            self._fail_ready(PhoneLost(f"{self.serial}: runtime failed to start: {self._fatal}"))
+        else:
+            self._fail_ready(SessionUnsupported(f"first event was {kind!r}, not `ready`"))
+            self._stream.abort()
+
+    def _on_stderr(self, data: bytes) -> None:
+        for raw in self._err.feed(data):
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            if line:
+                self._stderr_tail.append(line)
+                stderr_log.info("[%s] %s", self.serial, line)
+
+    def _push(self, req: _Request, item: dict[str, Any] | _Closed) -> None:
+        req.inbox.append(item)
+        req.last_at = self._loop.time()
+        req.wakeup.set()
+
+    def _fail_ready(self, exc: BaseException) -> None:
+        if not self._ready_fut.done():
+            self._ready_fut.set_exception(exc)
+            self._ready_fut.exception()  # retrieved: no "never retrieved" warning if nobody waits
+
+    def _on_closed(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+            if self._fatal:
+                self.closed_reason += f" (runtime fatal error: {self._fatal})"
+            elif self._stderr_tail and self._stream.exit_code not in (None, 0):
+                self.closed_reason += f" (stderr: {self._stderr_tail[-1][:200]})"
+            level = logging.INFO if self._stream.exit_code == 0 else logging.WARNING
+            logger.log(level, "%s: session ended: %s", self.serial, self.closed_reason)
+        if not self._ready_fut.done():
+            if self._fatal:
+                self._fail_ready(PhoneLost(f"{self.serial}: runtime failed to start: {self._fatal}"))
+            elif self._stream.exit_code == 0 or self._saw_text:
+                self._fail_ready(
+                    SessionUnsupported(f"the runtime exited (code {self._stream.exit_code}) without `ready`")
+                )
+            else:
+                self._fail_ready(PhoneLost(f"{self.serial}: session start: {self.closed_reason}"))
+        if self._request is not None:
+            self._push(self._request, _Closed(self.closed_reason))
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(PhoneLost(f"{self.serial}: {self.closed_reason}"))
+                fut.exception()
+        self._pings.clear()
+        self._closed.set()
+
+    # ------------------------------------------------------------------ writing
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if not self.alive:
+            raise PhoneLost(f"{self.serial}: {self.closed_reason}")
+        self._stream.write_stdin(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Round trip of a ``ping`` in seconds (answered even while generating)."""
+        self._ping_seq += 1
+        pid = f"ping-{self._ping_seq}"
+        fut: asyncio.Future[float] = self._loop.create_future()
+        self._pings[pid] = fut
+        t0 = self._loop.time()
+        try:
+            self._send({"op": "ping", "id": pid})
+            async with asyncio.timeout(timeout):
+                return await fut - t0
+        except TimeoutError:
+            raise PhoneStalled(f"{self.serial}: no pong within {timeout:g} s") from None
+        finally:
+            self._pings.pop(pid, None)
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the phone to stop this request; its ``done`` (reason cancelled) ends the generator."""
+        req = self._request
+        if req is None or req.id != request_id or req.cancel_deadline is not None or not self.alive:
+            return
+        req.cancel_deadline = self._loop.time() + self._settings.cancel_timeout_s
+        req.wakeup.set()  # re-arm the waiter with the cancel deadline
+        self._send({"op": "cancel", "id": request_id})
+
+    # ------------------------------------------------------------------ one request
+
+    async def _next(self, req: _Request, timeout: float) -> dict[str, Any] | _Closed:
+        """Next event for req, or PhoneStalled when the phone is silent for ``timeout`` s."""
+        while not req.inbox:
+            req.wakeup.clear()
+            deadline = req.last_at + timeout
+            if req.cancel_deadline is not None:
+                deadline = min(deadline, req.cancel_deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await req.wakeup.wait()
+            except TimeoutError:
+                if req.cancel_deadline is not None and self._loop.time() >= req.cancel_deadline:
+                    return _Closed("cancel-timeout")
+                raise PhoneStalled(
+                    f"{self.serial}: no event for {timeout:g} s during request {req.id}"
+                ) from None
+        return req.inbox.popleft()
+
+    async def generate(self, params: GenerationParams) -> AsyncIterator[Event]:
+        """Run one request on this session; see the module docstring for the failure rules."""
+        if self._request is not None:
+            raise PhoneBusy(f"{self.serial}: request {self._request.id} is still running")
+        if not self.alive:
+            raise PhoneLost(f"{self.serial}: {self.closed_reason}")
+        req = _Request(params.request_id, last_at=self._loop.time())
+        self._request = req
+        stall = self._settings.stall_timeout_s
+        finished = False
+        try:
+            self._send(request_message(params))
+            await self._stream.drain()
+            timeout = stall
+            while True:
+                item = await self._next(req, timeout)
+                if isinstance(item, _Closed):
+                    if item.reason == "cancel-timeout":
+                        self.abort(f"no `done` within {self._settings.cancel_timeout_s:g} s of cancel")
+                        finished = True
+                        yield Finished(req.id, "cancelled", 0, req.completion, 0.0, 0.0)
+                        return
+                    raise PhoneLost(f"{self.serial}: {item.reason} during request {req.id}")
+                kind = item["ev"]
+                if kind not in ("start", "tok", "done", "error"):
+                    logger.info("%s: request %s: unknown event %r ignored", self.serial, req.id, kind)
+                    continue
+                if item.get("id") != req.id:
+                    raise self._violation(req, f"{kind} event for id {item.get('id')!r}")
+                if kind == "tok":
+                    if not req.started:
+                        raise self._violation(req, "tok before start")
+                    ids, t_ms = self._tok_fields(req, item)
+                    # the consumer was slower than the phone: hand over all waiting tokens at once
+                    while req.inbox:
+                        nxt = req.inbox[0]
+                        if isinstance(nxt, _Closed) or nxt.get("ev") != "tok" or nxt.get("id") != req.id:
+                            break
+                        req.inbox.popleft()
+                        more, t_ms = self._tok_fields(req, nxt)
+                        ids.extend(more)
+                    req.completion += len(ids)
+                    timeout = stall
+                    yield Tokens(req.id, ids, t_ms)
+                elif kind == "start":
+                    if req.started:
+                        raise self._violation(req, "second start")
+                    req.started = True
+                    prompt_tokens = int(item.get("prompt_tokens", len(params.prompt_ids)))
+                    # decode-over-prompt: the first token waits for the whole prompt
+                    timeout = stall + prompt_tokens * self._settings.prefill_ms_per_token / 1000
+                    yield Started(req.id, prompt_tokens, int(item.get("state_tokens", 0)), self.serial)
+                elif kind == "done":
+                    if not req.started:
+                        raise self._violation(req, "done before start")
+                    reason = item.get("reason")
+                    if reason not in FINISH_REASONS:
+                        raise self._violation(req, f"done with reason {reason!r}")
+                    finished = True
+                    self._end(req)
+                    yield Finished(
+                        req.id,
+                        reason,
+                        int(item.get("prompt_tokens", 0)),
+                        int(item.get("completion_tokens", req.completion)),
+                        float(item.get("prefill_ms", 0.0)),
+                        float(item.get("decode_ms", 0.0)),
+                    )
+                    return
+                elif kind == "error":
+                    finished = True
+                    self._end(req)
+                    raise request_error(item, self.serial)
+        except PhoneStalled:
+            self.abort(f"stalled during request {req.id}")
+            raise
+        except (ConnectionError, OSError) as e:
+            self.abort(f"adb stream failed: {e!r}")
+            raise PhoneLost(f"{self.serial}: adb stream failed during request {req.id}: {e!r}") from e
+        finally:
+            if not finished:
+                if self.alive and self._request is req:
+                    # the consumer left (aclose or cancellation): stop the phone, bounded; shielded so
+                    # that a second cancellation cannot leave the phone generating for nobody
+                    self.pending_cleanup = asyncio.create_task(self._cancel_and_drain(req))
+                    await asyncio.shield(self.pending_cleanup)
+                else:
+                    self._end(req)
+
+    def _tok_fields(self, req: _Request, ev: dict[str, Any]) -> tuple[list[int], float | None]:
+        ids = ev.get("ids")
+        if not isinstance(ids, list):
+            raise self._violation(req, f"tok without ids: {ev!r:.120}")
+        t_ms = ev.get("t_ms")
+        return list(ids), float(t_ms) if isinstance(t_ms, (int, float)) else None
+
+    def _violation(self, req: _Request, what: str) -> ProtocolViolation:
+        self.abort(f"protocol violation in request {req.id}: {what}")
+        return ProtocolViolation(f"{self.serial}: protocol violation in request {req.id}: {what}")
+
+    def _end(self, req: _Request) -> None:
+        if self._request is req:
+            self._request = None
+            if self._on_idle is not None and self.alive:
+                self._on_idle()
+
+    async def _cancel_and_drain(self, req: _Request) -> None:
+        t0 = time.monotonic()
+        try:
+            if req.cancel_deadline is None:
+                req.cancel_deadline = self._loop.time() + self._settings.cancel_timeout_s
+                self._send({"op": "cancel", "id": req.id})
+            while True:
+                item = await self._next(req, self._settings.cancel_timeout_s)
+                if isinstance(item, _Closed):
+                    if item.reason == "cancel-timeout":
+                        self.abort(f"no `done` within {self._settings.cancel_timeout_s:g} s of cancel")
+                    return
+                if item.get("ev") in ("done", "error") and item.get("id") == req.id:
+                    logger.debug(
+                        "%s: request %s cancelled in %.1f ms",
+                        self.serial,
+                        req.id,
+                        (time.monotonic() - t0) * 1e3,
+                    )
+                    return
+        except (PhoneStalled, PhoneLost) as e:
+            self.abort(f"cancel of {req.id} failed: {e}")
+        except Exception:
+            logger.exception("%s: cancel of %s failed", self.serial, req.id)
+            self.abort(f"cancel of {req.id} failed")
+        finally:
+            self._end(req)
