@@ -1,0 +1,110 @@
+"""The fleet: live discovery of phones on adb servers (its own lab: it starts every phone it sees)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.backends.adb.fleet import AdbFleet
+from server.backends.adb.phone import Phone
+from server.backends.base import PhoneState
+from server.settings import Settings
+from server.sim.harness import SimLab
+from tests.backends.conftest import backend_settings
+
+
+@pytest.fixture(scope="module")
+def fleet_lab() -> Iterator[SimLab]:
+    with SimLab(phones=1, speed=0) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+async def fleet(fleet_lab: SimLab, tok_cache: Path) -> AsyncIterator[AdbFleet]:
+    changes: list[tuple[str, PhoneState]] = []
+    fleet = AdbFleet(
+        backend_settings(fleet_lab, tok_cache),
+        on_change=lambda p: changes.append((p.key, p.state)),
+    )
+    fleet.changes = changes  # type: ignore[attr-defined]
+    await fleet.start()
+    yield fleet
+    await fleet.aclose()
+
+
+async def until(fleet: AdbFleet, what: str, predicate: object, timeout: float = 30.0) -> None:
+    if not await fleet.wait_for(predicate, timeout):  # type: ignore[arg-type]
+        pytest.fail(f"{what} not reached in {timeout} s: {fleet.health()}")
+
+
+def phone_of(fleet: AdbFleet, lab: SimLab, serial: str) -> Phone:
+    return fleet.phones[f"{lab.adb_server}/{serial}"]
+
+
+async def test_start_knows_the_attached_phones_and_they_become_ready(
+    fleet: AdbFleet, fleet_lab: SimLab
+) -> None:
+    serial = fleet_lab.phones[0].serial
+    assert list(fleet.phones) == [f"{fleet_lab.adb_server}/{serial}"]
+    phone = phone_of(fleet, fleet_lab, serial)
+    await until(fleet, "ready", lambda f: phone.state is PhoneState.READY)
+    [model] = fleet.models()
+    assert model.name == "qwen3.5-0.8b" and model.phones == [phone.key]
+    assert (phone.key, PhoneState.READY) in fleet.changes  # type: ignore[attr-defined]
+
+
+async def test_a_phone_hot_added_after_start_is_picked_up(fleet: AdbFleet, fleet_lab: SimLab) -> None:
+    sim = await asyncio.to_thread(fleet_lab.add_phone, precision="w8")
+    t0 = time.monotonic()
+    key = f"{fleet_lab.adb_server}/{sim.serial}"
+    await until(
+        fleet, "hot-added phone ready", lambda f: key in f.phones and f.phones[key].state is PhoneState.READY
+    )
+    assert time.monotonic() - t0 < 15
+    assert {m.name for m in fleet.models()} == {"qwen3.5-0.8b", "qwen3.5-0.8b-w8"}
+    w8 = fleet.phones[key]
+    assert w8.model is not None and w8.model.precision == "w8"
+
+
+async def test_a_removed_phone_goes_offline_and_out_of_the_models(fleet: AdbFleet, fleet_lab: SimLab) -> None:
+    sim = await asyncio.to_thread(fleet_lab.add_phone)
+    key = f"{fleet_lab.adb_server}/{sim.serial}"
+    await until(
+        fleet, "new phone ready", lambda f: key in f.phones and f.phones[key].state is PhoneState.READY
+    )
+    await asyncio.to_thread(fleet_lab.remove_phone, sim.serial)
+    await until(fleet, "removed phone offline", lambda f: f.phones[key].state is PhoneState.OFFLINE)
+    assert all(key not in m.phones for m in fleet.models())
+
+
+async def test_a_phone_with_another_soc_is_incompatible_with_a_clear_reason(
+    fleet: AdbFleet, fleet_lab: SimLab
+) -> None:
+    sim = await asyncio.to_thread(fleet_lab.add_phone, soc="SM8650")
+    key = f"{fleet_lab.adb_server}/{sim.serial}"
+    await until(
+        fleet, "incompatible", lambda f: key in f.phones and f.phones[key].state is PhoneState.INCOMPATIBLE
+    )
+    health = fleet.phones[key].health()[0]
+    assert health.soc == "SM8650" and health.mode is None  # no session was started
+    assert "v81" in (health.last_error or "") and "SM8650" in (health.last_error or "")
+    assert all(key not in m.phones for m in fleet.models())
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_an_unreachable_adb_server_is_no_phones_not_an_error(tok_cache: Path) -> None:
+    fleet = AdbFleet(Settings(adb_servers=[f"127.0.0.1:{_dead_port()}"], tokenizer_cache=str(tok_cache)))
+    t0 = time.monotonic()
+    await fleet.start()
+    assert fleet.phones == {} and time.monotonic() - t0 < 5
+    await fleet.aclose()
