@@ -84,16 +84,26 @@ class SimConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> SimConfig:
-        """Build from a sim.json object; unknown keys are ignored, ``speed: "max"`` means 0."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if values.get("speed") == "max":
-            values["speed"] = 0.0
+        """Build from a sim.json object; unknown keys are ignored, ``speed: "max"`` means 0.
+
+        Raises ``ValueError`` (``TypeError`` for a non-object) on bad values, so that a bad edit is ignored (the
+        watcher keeps the previous knobs) instead of failing inside a request.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError("sim.json must hold a JSON object")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if f.name == "speed" and value == "max":
+                value = 0.0
+            values[f.name] = _check(f.name, value, f.type)
         return cls(**values)
 
     def scale(self, seconds: float) -> float:
         """A simulated duration in real seconds (0 when running as fast as possible)."""
-        if self.speed is None or self.speed <= 0:
+        if self.speed <= 0:
             return 0.0
         return seconds / self.speed
 
@@ -101,6 +111,22 @@ class SimConfig:
         """Real seconds per decoded token for a bundle of this precision."""
         tps = self.decode_tps or DECODE_TPS.get(precision, DECODE_TPS["fp16"])
         return self.scale(1.0 / tps)
+
+
+def _check(name: str, value: Any, annotation: Any) -> Any:
+    """Validate one knob against its annotation (a string, as ``from __future__`` leaves it)."""
+    kind = str(annotation)
+    if value is None:
+        if "None" not in kind:
+            raise ValueError(f"sim knob {name} cannot be null")
+        return None
+    if kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ValueError(f"sim knob {name} must be true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"sim knob {name} must be a number >= 0")
+    return int(value) if kind.startswith("int") else float(value)
 
 
 class SimConfigWatcher:
@@ -138,7 +164,8 @@ class SimConfigWatcher:
 def write_sim_config(sandbox: Path, knobs: Mapping[str, Any], *, merge: bool = True) -> dict[str, Any]:
     """Atomically write ``<sandbox>/sim.json``; with ``merge`` the knobs update the current file.
 
-    Unknown knob names raise ``KeyError`` (a typo would otherwise silently do nothing).
+    Unknown knob names raise ``KeyError`` (a typo would otherwise silently do nothing), values of
+    the wrong type ``ValueError``.
     Returns the knobs now in effect.
     """
     unknown = set(knobs) - set(DEFAULTS)
@@ -150,6 +177,7 @@ def write_sim_config(sandbox: Path, knobs: Mapping[str, Any], *, merge: bool = T
         with contextlib.suppress(OSError, ValueError):
             data.update(json.loads(path.read_text(encoding="utf-8")))
     data.update(knobs)
+    SimConfig.from_mapping(data)  # a bad value fails here, in the writer, not silently in the phone
     fd, tmp = tempfile.mkstemp(prefix=".sim.", suffix=".json", dir=sandbox)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

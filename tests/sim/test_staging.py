@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.sim.simconfig import DEFAULTS
+from server.sim.simconfig import DEFAULTS, SimConfig, SimConfigWatcher, write_sim_config
 from server.sim.staging import QNN_LIBS, stage_phone
 from server.sim.vocab import ensure_tokenizer_json
 
@@ -70,6 +70,8 @@ def test_unknown_precision_or_knob_is_refused(tmp_path: Path) -> None:
         stage_phone(tmp_path, precision="w4")
     with pytest.raises(KeyError):
         stage_phone(tmp_path, sim_config={"sped": 2})
+    with pytest.raises(ValueError):
+        stage_phone(tmp_path, sim_config={"speed": "fast"})
 
 
 def test_launcher_runs_the_runtime_from_the_sandbox_with_a_bare_env(tmp_path: Path) -> None:
@@ -77,3 +79,15 @@ def test_launcher_runs_the_runtime_from_the_sandbox_with_a_bare_env(tmp_path: Pa
     result = subprocess.run(["./qhx_generate"], cwd=tmp_path / ROOT, env={"PATH": "/usr/bin:/bin"},
                             capture_output=True, timeout=30, check=False)
     assert result.returncode == 2 and b"usage: qhx_generate" in result.stderr
+
+
+def test_watcher_sees_changes_and_keeps_the_last_good_knobs(tmp_path: Path) -> None:
+    stage_phone(tmp_path, sim_config={"speed": 0})
+    watcher = SimConfigWatcher(tmp_path / "sim.json")
+    assert watcher.current().speed == 0
+    write_sim_config(tmp_path, {"hang": True})
+    assert watcher.current().hang and watcher.current().speed == 0
+    (tmp_path / "sim.json").write_text('{"hang": "sometimes"')  # half-written
+    assert watcher.current().hang
+    (tmp_path / "sim.json").unlink()
+    assert watcher.current() == SimConfig()
