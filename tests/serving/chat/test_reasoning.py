@@ -19,7 +19,6 @@ def chunked(draw: st.DrawFn, text: str) -> list[str]:
     return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
-
 def split(pieces: list[str], *, thinking: bool) -> tuple[str, str, list[str]]:
     """(reasoning, content, content pieces as streamed)."""
     splitter = ReasoningSplitter(thinking=thinking)

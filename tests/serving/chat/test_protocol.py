@@ -1,0 +1,107 @@
+"""Chat request validation and the conversion of OpenAI messages into the template's form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from server.errors import InvalidRequest, UnsupportedParameter
+from server.serving.chat.protocol import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    Delta,
+    DeltaFunction,
+    DeltaToolCall,
+    ToolCallFunction,
+    ToolCallOut,
+)
+
+USER = {"role": "user", "content": "hi"}
+
+
+def request(**kw: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": [USER], **kw})
+
+
+def test_template_messages_convert_roles_parts_arguments_and_reasoning() -> None:
+    r = request(messages=[
+        {"role": "developer", "content": "sys"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "x"},
+        {"role": "assistant", "content": None, "reasoning": "thought",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"n": 1}'}},
+                        {"id": "c2", "type": "function", "function": {"name": "g", "arguments": ""}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ])
+    assert r.template_messages() == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None, "reasoning_content": "thought", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"n": 1}}},
+            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": {}}}]},
+        {"role": "tool", "content": "ok", "tool_call_id": "c1"},
+    ]
+
+
+@pytest.mark.parametrize("arguments", ["[1, 2]", "{bad", '"text"'])
+def test_tool_call_arguments_must_be_a_json_object(arguments: str) -> None:
+    r = request(messages=[USER, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]}])
+    with pytest.raises(InvalidRequest) as caught:
+        r.template_messages()
+    assert caught.value.param == "messages[1].tool_calls[0].function.arguments"
+
+
+def test_thinking_switches() -> None:
+    assert request().thinking is False
+    assert request(enable_thinking=True).thinking is True
+    assert request(chat_template_kwargs={"enable_thinking": True}).thinking is True
+    # chat_template_kwargs wins over the shorthand
+    assert request(enable_thinking=True, chat_template_kwargs={"enable_thinking": False}).thinking is False
+
+
+def test_max_completion_tokens_wins_over_max_tokens() -> None:
+    assert request(max_tokens=5, max_completion_tokens=7).max_new_requested == (7, "max_completion_tokens")
+    assert request(max_tokens=5).max_new_requested == (5, "max_tokens")
+    assert request().max_new_requested == (None, "max_tokens")
+
+
+@pytest.mark.parametrize(
+    ("kw", "param"),
+    [
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "x"}}, "audio"),
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ],
+)
+def test_check_supported_names_the_field(kw: dict[str, Any], param: str) -> None:
+    with pytest.raises((UnsupportedParameter, InvalidRequest)) as caught:
+        request(**kw).check_supported()
+    assert caught.value.param == param  # type: ignore[union-attr]
+
+
+def test_defaults_are_accepted() -> None:
+    request(n=1, logprobs=False, top_logprobs=0, presence_penalty=0, response_format={"type": "text"},
+            modalities=["text"], user="u", parallel_tool_calls=False).check_supported()
+
+
+def test_tools_are_rendered_as_sent() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"b": None, "a": 1}}}
+    assert request(tools=[tool]).template_tools() == [tool]
+
+
+def test_deltas_and_messages_serialize_like_openai() -> None:
+    assert Delta(role="assistant", content="").model_dump_json() == '{"role":"assistant","content":""}'
+    assert Delta().model_dump_json() == "{}"
+    start = Delta(tool_calls=[DeltaToolCall(index=0, id="call_1", type="function",
+                                            function=DeltaFunction(name="f", arguments=""))])
+    assert start.model_dump() == {"tool_calls": [
+        {"index": 0, "id": "call_1", "function": {"arguments": "", "name": "f"}, "type": "function"}]}
+    message = AssistantMessage(content=None, tool_calls=[
+        ToolCallOut(id="call_1", function=ToolCallFunction(arguments="{}", name="f"))])
+    assert message.model_dump() == {"content": None, "refusal": None, "role": "assistant", "tool_calls": [
+        {"id": "call_1", "function": {"arguments": "{}", "name": "f"}, "type": "function"}]}
+    assert AssistantMessage(content="x", reasoning_content="r").model_dump() == {
+        "content": "x", "refusal": None, "role": "assistant", "reasoning_content": "r"}
