@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 
 def _reachable_servers(settings: Settings) -> list[tuple[str, int]]:
-    from server.backends.adb.fleet import resolve_adb_servers
+    from server.backends.adb.transport import resolve_adb_servers
 
     found = []
     for host, port in resolve_adb_servers(settings):

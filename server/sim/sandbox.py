@@ -56,6 +56,8 @@ def default_props(*, soc: str = "SM8850", name: str = "qhxsim") -> dict[str, str
         "ro.build.version.release": "16",
         "ro.build.version.sdk": "36",
         "ro.product.cpu.abi": "arm64-v8a",
+        # not an Android prop: marks a simulated phone, so the server labels its tokens as simulated
+        "ro.qhx.simulated": "1",
     }
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import server
+from server.sim.sandbox import default_props
 from server.sim.simconfig import write_sim_config
 from server.sim.vocab import ensure_tokenizer_json
 
@@ -36,7 +37,6 @@ MODEL_VOCAB_SIZE = 248320  # lm-head rows (config.json vocab_size, padded); toke
 BUNDLES = {"fp16": ("qwen35", "f16"), "w8": ("qwen35-w8", "w8")}  # precision -> (dir, decode suffix)
 QNN_LIBS = ("libQnnHtp.so", "libQnnSystem.so", "libQnnHtpV81Skel.so", "libQnnHtpV81Stub.so")
 PLACEHOLDER_SIZE = 4096
-BOARD_PLATFORMS = {"SM8850": "canoe", "SM8750": "sun", "SM8650": "pineapple"}
 
 
 def stage_phone(
@@ -135,16 +135,7 @@ def _write_props(sandbox: Path, soc: str, props: Mapping[str, str]) -> None:
     if path.is_file():
         with contextlib.suppress(OSError, ValueError):
             existing = json.loads(path.read_text(encoding="utf-8"))
-    defaults = {
-        "ro.product.manufacturer": "QHX",
-        "ro.product.brand": "qhx",
-        "ro.product.model": "SimPhone",
-        "ro.product.cpu.abi": "arm64-v8a",
-        "ro.build.version.release": "16",
-        "ro.build.version.sdk": "36",
-        "ro.soc.manufacturer": "QTI",
-        "ro.board.platform": BOARD_PLATFORMS.get(soc, soc.lower()),
-    }
+    defaults = default_props(soc=soc)
     merged = {**defaults, **existing, "ro.soc.model": soc, **props}
     _write(path, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
 
