@@ -14,16 +14,17 @@ from collections.abc import Iterable
 class StopMatcher:
     """Feed text pieces in order; get back the text that is safe to show.
 
-    ``feed(piece)`` returns ``(safe_text, matched)``: ``matched`` is the stop string found (the
-    earliest match in the text; at equal positions the longest stop), and then ``safe_text`` is all
-    the text before it and the matcher is finished. ``flush()`` releases the held-back tail when the
-    generation ended without a match.
+    ``feed(piece)`` returns ``(safe_text, matched)``. Once ``matched`` is a stop string, ``safe_text``
+    ends right before it and the matcher is finished. The match is the earliest in the text (at equal
+    positions the longest stop): a stop found in the text waits while a longer stop that starts
+    earlier could still complete (stops ``["b", ":b:"]`` on ``":b" + ":"`` cut at the first ``:``).
+    ``flush()`` at the end of generation settles what is held back: ``(text, matched)``.
     """
 
     def __init__(self, stops: Iterable[str]) -> None:
         # empty strings would match everywhere; OpenAI-compatible servers ignore them
         self.stops = sorted({s for s in stops if s}, key=len, reverse=True)
-        self._max_hold = max((len(s) for s in self.stops), default=1) - 1
+        self._max_len = max((len(s) for s in self.stops), default=0)
         # a held tail ends with a character of some stop string: a cheap test for the common case
         self._chars = frozenset("".join(s[:-1] for s in self.stops))
         self._buf = ""
@@ -40,30 +41,42 @@ class StopMatcher:
         if not self.stops:
             return piece, None
         buf = self._buf + piece
-        # Only the held tail plus the new piece can contain a match that was not there before.
-        at, which = -1, None
-        for stop in self.stops:  # longest first, so ties keep the longest
-            i = buf.find(stop)
-            if i != -1 and (at == -1 or i < at):
-                at, which = i, stop
-        if which is not None:
+        at, which = self._first_match(buf)
+        # the earliest position where a stop could still begin, completed by text not seen yet
+        pending = self._first_partial(buf, before=len(buf) if which is None else at)
+        if pending is None and which is not None:
             self._buf = ""
             self.matched = which
             return buf[:at], which
-        hold = self._partial_suffix(buf)
-        self._buf = buf[len(buf) - hold :] if hold else ""
-        return buf[: len(buf) - hold], None
+        cut = len(buf) if pending is None else pending
+        self._buf = buf[cut:]
+        return buf[:cut], None
 
-    def flush(self) -> str:
-        out, self._buf = self._buf, ""
-        return "" if self.matched is not None else out
+    def flush(self) -> tuple[str, str | None]:
+        """The end of the text: release what was held back, cut at a stop found in it."""
+        buf, self._buf = self._buf, ""
+        if self.matched is not None:
+            return "", self.matched
+        at, which = self._first_match(buf)
+        if which is None:
+            return buf, None
+        self.matched = which
+        return buf[:at], which
 
-    def _partial_suffix(self, buf: str) -> int:
-        """Length of the longest suffix of buf that is a proper prefix of some stop string."""
+    def _first_match(self, buf: str) -> tuple[int, str | None]:
+        at, which = -1, None
+        for stop in self.stops:  # longest first, so ties keep the longest
+            i = buf.find(stop)
+            if i != -1 and (which is None or i < at):
+                at, which = i, stop
+        return at, which
+
+    def _first_partial(self, buf: str, *, before: int) -> int | None:
+        """Smallest j < before such that buf[j:] is a proper prefix of some (longer) stop string."""
         if not buf or buf[-1] not in self._chars:
-            return 0
-        for n in range(min(self._max_hold, len(buf)), 0, -1):
-            tail = buf[-n:]
-            if any(stop.startswith(tail) for stop in self.stops if len(stop) > n):
-                return n
-        return 0
+            return None
+        for j in range(max(0, len(buf) - self._max_len + 1), before):
+            tail = buf[j:]
+            if any(len(stop) > len(tail) and stop.startswith(tail) for stop in self.stops):
+                return j
+        return None

@@ -22,8 +22,9 @@ def run(stops: list[str], pieces: list[str]) -> tuple[list[str], str | None]:
         out.append(safe)
         if matched is not None:
             return out, matched
-    out.append(m.flush())
-    return out, None
+    tail, matched = m.flush()
+    out.append(tail)
+    return out, matched
 
 
 def expected(text: str, stops: list[str]) -> tuple[str, str | None]:
@@ -49,11 +50,23 @@ def test_output_is_exactly_the_text_before_the_first_match(text: str, stops: lis
     pieces, matched = run(stops, split(text, cuts))
     want_text, want_stop = expected(text, stops)
     assert "".join(pieces) == want_text
-    # which stop matched is the one completed first in the stream: at the same position a shorter one
-    # can complete before the longer one arrives (":" before "::"); the cut is the same
+    # at the same position a shorter stop can complete before the longer one arrives (":" before
+    # "::"): which one is reported may differ, the cut may not
     assert (matched is None) == (want_stop is None)
     if matched is not None:
         assert text[len(want_text) :].startswith(matched)
+
+
+def test_a_stop_inside_a_longer_pending_stop_waits_for_it() -> None:
+    m = StopMatcher(["b", ":b:"])
+    assert m.feed("::b") == (":", None)  # ":b" may still become ":b:", which starts earlier
+    assert m.feed(":") == ("", ":b:")
+    m = StopMatcher(["b", ":b:"])
+    assert m.feed("::b") == (":", None)
+    assert m.feed("x") == (":", "b")  # it did not: the "b" match stands
+    m = StopMatcher(["b", ":b:"])
+    m.feed("::b")
+    assert m.flush() == (":", "b")  # the end of the text settles it too
 
 
 @SETTINGS
@@ -99,7 +112,11 @@ def test_stop_strings_spanning_real_qwen_tokens(
         if matched:
             break
     if not matched:
-        out += m.feed(detok.flush())[0] + m.flush()
+        safe, matched = m.feed(detok.flush())
+        out += safe
+        if not matched:
+            tail, matched = m.flush()
+            out += tail
     decoded = qwen_tokenizer.decode(ids)
     want, want_stop = expected(decoded, [stop, "never-seen"])
     assert out == want and matched == want_stop
@@ -117,7 +134,7 @@ def test_text_held_back_is_released_when_it_stops_being_a_prefix() -> None:
 def test_no_stops_passes_everything_through() -> None:
     m = StopMatcher([])
     assert m.feed("abc") == ("abc", None)
-    assert m.flush() == ""
+    assert m.flush() == ("", None)
 
 
 def test_empty_stop_strings_are_ignored() -> None:
