@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 import anyio
@@ -57,7 +57,7 @@ def error_event(exc: BaseException) -> bytes:
     return encode_event(body)
 
 
-async def _first(chunks: AsyncIterator[Chunk]) -> Any:
+async def _first(chunks: AsyncGenerator[Chunk, None]) -> Any:
     try:
         return await chunks.__anext__()
     except StopAsyncIteration:
@@ -65,7 +65,7 @@ async def _first(chunks: AsyncIterator[Chunk]) -> Any:
 
 
 async def stream_response(
-    chunks: AsyncIterator[Chunk], *, ping_s: float, request_id: str | None = None,
+    chunks: AsyncGenerator[Chunk, None], *, ping_s: float, request_id: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     """An SSE response for ``chunks`` (an async generator: it is closed in every case).
@@ -76,7 +76,7 @@ async def stream_response(
     first = asyncio.ensure_future(_first(chunks))
     done, _ = await asyncio.wait({first}, timeout=FIRST_CHUNK_WAIT_S)
     if first in done and first.exception() is not None:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()
         raise first.exception()  # type: ignore[misc]
 
     async def body() -> AsyncIterator[bytes]:
@@ -103,7 +103,7 @@ async def stream_response(
             yield error_event(exc)
         finally:
             with anyio.CancelScope(shield=True):
-                await chunks.aclose()  # type: ignore[attr-defined]
+                await chunks.aclose()
 
     return EventSourceResponse(
         body(),

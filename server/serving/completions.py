@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from server.backends.base import Backend, GenerationParams
@@ -128,15 +128,12 @@ class CompletionService:
 
     # -- running ------------------------------------------------------------------------------
 
-    def _events(self, p: PreparedCompletion) -> contextlib.aclosing[AsyncIterator[Delta | Outcome]]:
-        return contextlib.aclosing(generate_text(self._backend, p.params, p.tokenizer, stop=p.stop))
-
-    async def _run(self, p: PreparedCompletion) -> AsyncIterator[Delta | Outcome]:
+    async def _run(self, p: PreparedCompletion) -> AsyncGenerator[Delta | Outcome, None]:
         if p.params.max_new == 0:  # nothing to generate: no phone needed
             yield Delta("", 0)
             yield Outcome("length", len(p.params.prompt_ids), 0, None, None, {})
             return
-        async with self._events(p) as events:
+        async with contextlib.aclosing(generate_text(self._backend, p.params, p.tokenizer, stop=p.stop)) as events:
             async for ev in events:
                 yield ev
 
@@ -158,7 +155,7 @@ class CompletionService:
         )
         return body.model_dump_json(exclude=None if p.request.return_timings else {"timings"})
 
-    async def stream(self, p: PreparedCompletion) -> AsyncIterator[str]:
+    async def stream(self, p: PreparedCompletion) -> AsyncGenerator[str, None]:
         """The chunks' JSON texts, OpenAI's order: text chunks, the finish chunk, then (with
         ``stream_options.include_usage``) a usage chunk with no choices. The SSE layer adds framing
         and ``[DONE]``."""

@@ -25,7 +25,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -73,7 +73,7 @@ def _now_ms() -> float:
 
 async def generate_text(
     backend: Backend, params: GenerationParams, tokenizer: HostTokenizer, *, stop: list[str]
-) -> AsyncIterator[Delta | Outcome]:
+) -> AsyncGenerator[Delta | Outcome, None]:
     """Run ``params`` on ``backend``; yield ``Delta``s then one ``Outcome``.
 
     The first item is ``Delta("", 0)`` as soon as the phone accepted the prompt (``Started``): a
@@ -130,8 +130,9 @@ async def generate_text(
                 if safe:
                     yield Delta(safe, count)
                 continue
-            if matched is None:
-                safe += matcher.flush()
+            if matched is None:  # finished: settle the held-back text (a stop may sit in it)
+                tail, matched = matcher.flush()
+                safe += tail
             if safe:
                 yield Delta(safe, count)
             if finished is not None:
