@@ -1,0 +1,1 @@
+"""Operator commands run from the CLI (provisioning phones), not by the server."""
