@@ -1,4 +1,4 @@
-"""`qhx-server`: serve | sim | devices.
+"""`qhx-server`: serve | sim | devices | provision.
 
 The `serve` flags are generated from the fields of :class:`server.settings.Settings`, so a flag, its
 `QHX_` environment variable and its documentation can never disagree.
@@ -58,6 +58,12 @@ def _sim(argv: list[str]) -> int:
     return sim_main(argv)
 
 
+def _provision(argv: list[str]) -> int:
+    from server.ops.provision import main as provision_main
+
+    return provision_main(argv)
+
+
 def _devices(ns: argparse.Namespace) -> int:
     from server.backends.adb.report import print_devices
 
@@ -68,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "sim":  # the simulator owns its own flags
         return _sim(argv[1:])
+    if argv and argv[0] == "provision":  # so does provisioning
+        return _provision(argv[1:])
     parser = argparse.ArgumentParser(prog="qhx-server", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="Run the OpenAI-compatible HTTP server.")
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     dev_p = sub.add_parser("devices", help="List phones, their bundles and state, straight from adb.")
     add_settings_arguments(dev_p)
     dev_p.set_defaults(func=_devices)
+    sub.add_parser("provision", help="Push a bundle (and runtime) to phones, resumable and verified "
+                   "(see `qhx-server provision --help`).")
     ns = parser.parse_args(argv)
     return int(ns.func(ns))
 
