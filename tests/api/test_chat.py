@@ -324,3 +324,25 @@ def test_tokenize_and_apply_template_show_the_prompt(
     r = live.client().chat.completions.create(model=live.model, messages=[SYSTEM, USER], tools=[WEATHER],
                                               max_completion_tokens=1, extra_body=THINK)
     assert r.usage is not None and r.usage.prompt_tokens == tokenized["count"]
+
+
+def test_chat_stream_disconnect_frees_the_phone(live: LiveServer, phone_knobs: Any) -> None:
+    phone_knobs(speed=1)  # the real rate: a token every ~44 ms
+    body = {"model": live.model, "messages": [USER], "max_tokens": 500, "stream": True, **THINK}
+    with httpx.stream("POST", live.base_url + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()  # held: a dropped iterator would close the response at the break
+        got = 0
+        for line in lines:
+            got += line.startswith("data: ")
+            if got == 5:
+                break
+        assert live.devices()[0]["request_in_flight"] is not None
+    live.wait_idle(timeout=1.0)
+
+
+def test_chat_non_streaming_disconnect_frees_the_phone(live: LiveServer, phone_knobs: Any) -> None:
+    phone_knobs(speed=1)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.base_url + "/v1/chat/completions",
+                   json={"model": live.model, "messages": [USER], "max_tokens": 500}, timeout=0.5)
+    live.wait_idle(timeout=1.0)
