@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import socket
 from collections.abc import Iterator
 
@@ -59,12 +60,19 @@ def simulated_phones(settings: Settings) -> Iterator[Settings]:
         yield settings.model_copy(update={"adb_servers": [lab.adb_server]})
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
     from server.api.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn re-raises SIGTERM with the handler it found once it has shut down; make that handler
+    # unwind the stack so the simulated phones and their private adb server are stopped too.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     with simulated_phones(settings) as effective:
         app = create_app(effective)
         uvicorn.run(app, host=effective.host, port=effective.port, log_level=effective.log_level.lower())
