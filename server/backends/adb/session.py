@@ -155,8 +155,9 @@ class Session:
             raise PhoneLost(
                 f"{serial}: session start: no `ready` within {settings.ready_timeout_s:g} s"
             ) from None
-        except BaseException:
-            self.abort("session start failed")
+        except BaseException as e:
+            # the caller reports why (and a fallback to one-shot is no warning matter)
+            self.abort(f"session start failed: {e!r}", quiet=True)
             raise
         logger.info(
             "%s: session ready (model %s, %s, load %s ms)",
@@ -184,11 +185,13 @@ class Session:
         assert self.closed_reason is not None
         return self.closed_reason
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, *, quiet: bool = False) -> None:
         """Kill the process (closing the adb stream does that) and fail whoever waits."""
         if self.closed_reason is None:
             self.closed_reason = reason
-            logger.warning("%s: session aborted: %s", self.serial, reason)
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING, "%s: session aborted: %s", self.serial, reason
+            )
         self._stream.abort()
 
     async def close(self) -> None:
@@ -244,7 +247,7 @@ class Session:
                 self._fail_ready(
                     SessionUnsupported(f"the runtime printed text instead of a `ready` event: {head[:60]!r}")
                 )
-                self._stream.abort()
+                self.abort("not a session runtime", quiet=True)
                 return
         if b"\n" not in data:
             return
@@ -254,7 +257,9 @@ class Session:
             if line.strip():
                 self._on_line(line)
 
-    def _on_line(self, line: bytes) -> None:
+    def _on_line(self, line: bytes | bytearray) -> None:
+        if self.closed_reason is not None:  # aborted: whatever is still buffered is moot
+            return
         try:
             ev = json.loads(line)
             kind = ev["ev"] if isinstance(ev, dict) else None
@@ -264,7 +269,7 @@ class Session:
             if not self._ready_fut.done():
                 self._saw_text = True
                 self._fail_ready(SessionUnsupported(f"first stdout line is not an event: {line[:60]!r}"))
-                self._stream.abort()
+                self.abort("not a session runtime", quiet=True)
             else:
                 logger.warning("%s: skipping garbage stdout line: %r", self.serial, line[:200])
             return
@@ -305,7 +310,7 @@ class Session:
             self._fail_ready(PhoneLost(f"{self.serial}: runtime failed to start: {self._fatal}"))
         else:
             self._fail_ready(SessionUnsupported(f"first event was {kind!r}, not `ready`"))
-            self._stream.abort()
+            self.abort("not a session runtime", quiet=True)
 
     def _on_stderr(self, data: bytes) -> None:
         for raw in self._err.feed(data):

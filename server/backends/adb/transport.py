@@ -210,7 +210,7 @@ def _open_blocking(client: AdbServerClient, serial: str, service: str) -> socket
     except (AdbError, OSError) as e:
         conn.close()
         raise PhoneLost(f"{serial}: cannot open {service.split(':', 1)[0]} on {client.address}: {e}") from e
-    sock = conn.conn
+    sock: socket.socket = conn.conn
     sock.settimeout(None)
     return sock
 
@@ -221,8 +221,13 @@ async def open_socket(client: AdbServerClient, serial: str, service: str) -> soc
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().close())
+        fut.add_done_callback(_close_unclaimed)
         raise
+
+
+def _close_unclaimed(fut: asyncio.Future[socket.socket]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().close()
 
 
 class ShellStream:
@@ -316,7 +321,7 @@ async def run_shell(client: AdbServerClient, serial: str, command: str, *, timeo
 
 def _pull_blocking(client: AdbServerClient, serial: str, src: str, dst: str) -> int:
     try:
-        return client.sync(serial).pull_file(src, dst)
+        return int(client.sync(serial).pull_file(src, dst))
     except (AdbError, OSError) as e:
         raise PhoneLost(f"{serial}: pull {src} failed: {e}") from e
 
