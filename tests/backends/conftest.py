@@ -7,62 +7,17 @@ needs real pacing; tests that change a phone's knobs restore them with ``knobs(.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from adb_helpers import backend_settings, wait_state
 
 from server.backends.adb.phone import Phone
 from server.backends.base import PhoneState
 from server.settings import Settings
 from server.sim.harness import SimLab, SimPhone
-
-FAULTS_OFF: dict[str, Any] = {
-    "crash_after": None,
-    "hang": False,
-    "garbage": False,
-    "slow_first_token_s": 0.0,
-    "no_session": False,
-    "speed": 0,
-}
-
-
-def backend_settings(lab: SimLab, cache: Path, **overrides: Any) -> Settings:
-    """Settings for phones of ``lab``: short timeouts and backoff so that fault tests stay fast."""
-    values: dict[str, Any] = {
-        "adb_servers": [lab.adb_server],
-        "tokenizer_cache": str(cache),
-        "ready_timeout_s": 30.0,
-        "stall_timeout_s": 3.0,
-        "cancel_timeout_s": 2.0,
-        "restart_backoff_max_s": 0.2,
-        "adb_timeout_s": 5.0,
-        "device_poll_s": 0.2,
-        **overrides,
-    }
-    return Settings(**values)
-
-
-async def wait_state(phone: Phone, *states: PhoneState, timeout: float = 30.0) -> None:
-    """Wait until the phone is in one of ``states``; fail with its health otherwise."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while phone.state not in states:
-        if loop.time() > deadline:
-            pytest.fail(f"{phone} not {[s.value for s in states]} after {timeout} s: {phone.health()}")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.contextmanager
-def knobs(sim: SimPhone, **values: Any) -> Iterator[None]:
-    """Set simulator knobs for the block, then put the defaults of this package back."""
-    sim.configure(**values)
-    try:
-        yield
-    finally:
-        sim.configure(**FAULTS_OFF)
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +43,8 @@ async def make_phone(lab: SimLab, settings: Settings) -> AsyncIterator[Callable[
     phones: list[Phone] = []
 
     async def make(sim: SimPhone | None = None, *, wait: bool = True, **overrides: Any) -> Phone:
-        sim = sim or await asyncio.to_thread(lab.add_phone)
+        if sim is None:
+            sim = await asyncio.to_thread(lab.add_phone)
         s = settings.model_copy(update=overrides) if overrides else settings
         phone = Phone(sim.serial, lab.adb_server, s)
         phones.append(phone)
@@ -117,7 +73,3 @@ async def fault_phone(make_phone: Callable[..., Awaitable[Phone]]) -> Phone:
 async def spare_sim(lab: SimLab) -> SimPhone:
     """A simulated phone for tests that swap qhx_generate for a script via launch_command."""
     return await asyncio.to_thread(lab.add_phone)
-
-
-def sim_of(lab: SimLab, phone: Phone) -> SimPhone:
-    return next(p for p in lab.phones if p.serial == phone.serial)

@@ -32,7 +32,9 @@ packets = st.lists(st.tuples(st.integers(0, 5), st.binary(max_size=300)), max_si
 
 @settings(max_examples=50, deadline=None)
 @given(packets, st.data())
-def test_decoder_reassembles_packets_split_anywhere(pkts: list[tuple[int, bytes]], data: st.DataObject) -> None:
+def test_decoder_reassembles_packets_split_anywhere(
+    pkts: list[tuple[int, bytes]], data: st.DataObject
+) -> None:
     wire = b"".join(encode_packet(k, d) for k, d in pkts)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=10)))
     dec = V2Decoder()
@@ -99,7 +101,9 @@ def test_configured_servers_win_over_the_environment() -> None:
         ({"ADB_SERVER_SOCKET": "tcp:7001"}, ("127.0.0.1", 7001)),
     ],
 )
-def test_local_server_follows_adb_environment_conventions(env: dict[str, str], expected: tuple[str, int]) -> None:
+def test_local_server_follows_adb_environment_conventions(
+    env: dict[str, str], expected: tuple[str, int]
+) -> None:
     assert resolve_adb_servers(Settings(adb_servers=[]), env) == [expected]
 
 
