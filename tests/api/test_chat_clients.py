@@ -70,7 +70,8 @@ def test_langchain_tool_calls_invoke_and_stream(chat_openai: Any, phone_knobs: A
 def test_litellm_completion_stream_and_tools(litellm: Any, live: LiveServer, phone_knobs: Any) -> None:
     phone_knobs(stop_rate=0.3)
     kw: dict[str, Any] = {"model": f"openai/{live.model}", "api_base": live.base_url + "/v1", "api_key": "unused",
-                          "max_tokens": 40, "temperature": 0}
+                          "max_tokens": 40, "temperature": 0,
+                          "client": live.client()}  # ours, closed at the end (LiteLLM caches its own)
     reply = litellm.completion(messages=[{"role": "user", "content": QUESTION}], **kw)
     text = reply.choices[0].message.content
     assert text and reply.usage.completion_tokens > 0
