@@ -1,0 +1,6 @@
+"""Chat completions for Qwen3.5: template rendering, reasoning split, tool calls (docs/chat.md).
+
+``template`` renders messages into the prompt; ``reasoning`` and ``tools`` parse the reply as it
+streams (``reply`` chains them); ``protocol`` holds the wire types; ``service`` is the endpoint
+without HTTP, on top of ``server.serving.engine.generate_text``.
+"""
