@@ -52,7 +52,6 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         app.state.backend = the_backend
         app.state.models = registry
         app.state.completions = CompletionService(the_backend, registry)
-        _announce(registry)
         warm = asyncio.get_running_loop().create_task(registry.keep_warm(), name="warm-tokenizers")
         try:
             yield
@@ -72,18 +71,6 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     app.include_router(models.router)
     app.include_router(health.router)
     return app
-
-
-def _announce(registry: ModelRegistry) -> None:
-    for info in registry.models():
-        if info.simulated:
-            logger.warning(
-                "model %s is served by SIMULATED phones %s: its tokens are simulated, not the model's "
-                "(/v1/models says \"simulated\": true)", info.name, ", ".join(info.phones),
-            )
-        else:
-            logger.info("serving model %s (%s, context %d) on %s", info.name, info.precision,
-                        info.max_context, ", ".join(info.phones))
 
 
 class RequestIdMiddleware:

@@ -24,6 +24,17 @@ from server.serving.tokens import HostTokenizer
 logger = logging.getLogger(__name__)
 
 
+def _announce(info: ModelInfo) -> None:
+    if info.simulated:
+        logger.warning(
+            "serving model %s from SIMULATED phones (%s): its tokens are simulated, not the model's "
+            "(/v1/models says \"simulated\": true)", info.name, ", ".join(info.phones),
+        )
+    else:
+        logger.info("serving model %s (%s, context %d) on %s", info.name, info.precision, info.max_context,
+                    ", ".join(info.phones))
+
+
 class ModelRegistry:
     """Served models by name, and one :class:`HostTokenizer` per distinct tokenizer.json."""
 
@@ -34,9 +45,10 @@ class ModelRegistry:
 
     def models(self) -> list[ModelInfo]:
         found = self._backend.models()
-        now = int(time.time())
         for info in found:
-            self._first_seen.setdefault(info.name, now)
+            if info.name not in self._first_seen:
+                self._first_seen[info.name] = int(time.time())
+                _announce(info)
         return found
 
     def resolve(self, name: str) -> ModelInfo:
