@@ -346,3 +346,34 @@ def test_chat_non_streaming_disconnect_frees_the_phone(live: LiveServer, phone_k
         httpx.post(live.base_url + "/v1/chat/completions",
                    json={"model": live.model, "messages": [USER], "max_tokens": 500}, timeout=0.5)
     live.wait_idle(timeout=1.0)
+
+
+def test_unasked_think_block_and_tool_call_are_split_when_streamed(live: LiveServer, phone_knobs: Any) -> None:
+    """Thinking off, yet the model opens a think block and then calls a tool: both are split out."""
+    phone_knobs(think=True, tool_call=True, stop_rate=0.3)
+    try:
+        kw: dict[str, Any] = {"model": live.model, "messages": [USER], "tools": [WEATHER],
+                              "max_completion_tokens": 200, "temperature": 0}
+        whole = live.client().chat.completions.create(**kw)
+        chunks = list(live.client().chat.completions.create(**kw, stream=True))
+    finally:
+        live.phone.configure(think=None, tool_call=None)
+    message = whole.choices[0].message
+    reasoning = (message.model_extra or {}).get("reasoning_content")
+    assert reasoning and "<think>" not in reasoning and message.content is None
+    assert whole.choices[0].finish_reason == "tool_calls"
+    (call,) = message.tool_calls or []
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    kinds = [("r" if (d.model_extra or {}).get("reasoning_content") else "t" if d.tool_calls else "c" if d.content
+              else "-") for d in deltas]
+    assert kinds[0] == "-" and kinds[-1] == "-"  # the role chunk and the finish chunk
+    assert set(kinds[1:-1]) == {"r", "t"} and kinds[1:-1] == sorted(kinds[1:-1])  # reasoning, then the call
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == reasoning
+    args = "".join(tc.function.arguments or "" for d in deltas for tc in d.tool_calls or [] if tc.function)
+    assert json.loads(args) == json.loads(call.function.arguments)
+
+
+def test_return_timings_adds_the_phone_timeline(live: LiveServer) -> None:
+    body = {"model": live.model, "messages": [USER], "max_tokens": 3, "return_timings": True}
+    r = httpx.post(live.base_url + "/v1/chat/completions", json=body).json()
+    assert r["timings"]["phone"] == live.phone.serial and "decode_ms" in r["timings"]
