@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import LiveServer
+from live_server import LiveServer
 
 from server.serving.tokens import HostTokenizer
 

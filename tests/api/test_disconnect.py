@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LiveServer
+from live_server import LiveServer
 
 
 def test_stream_disconnect_cancels_on_the_phone(live: LiveServer, phone_knobs: Any) -> None:

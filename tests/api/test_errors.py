@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import LiveServer, ServerThread
+from live_server import LiveServer, ServerThread
 
 from server.api.app import create_app
 from server.settings import Settings
