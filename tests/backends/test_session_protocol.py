@@ -43,6 +43,8 @@ VIOLATIONS = {
     "other_id": ev("start", prompt_tokens=1, state_tokens=0).replace('"v"', '"someone-else"'),
     "second_start": ev("start", prompt_tokens=1, state_tokens=0) + "\n" + ev("start", prompt_tokens=1),
     "tok_without_ids": ev("start", prompt_tokens=1, state_tokens=0) + "\n" + ev("tok", t_ms=0),
+    "string_ids": ev("start", prompt_tokens=1, state_tokens=0) + "\n" + ev("tok", ids=["7"], t_ms=0),
+    "string_count": ev("start", prompt_tokens="one", state_tokens=0),
     "bad_reason": ev("start", prompt_tokens=1, state_tokens=0)
     + "\n"
     + ev("done", reason="tired", prompt_tokens=1, completion_tokens=0),

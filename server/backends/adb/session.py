@@ -456,10 +456,10 @@ class Session:
                     if req.started:
                         raise self._violation(req, "second start")
                     req.started = True
-                    prompt_tokens = int(item.get("prompt_tokens", len(params.prompt_ids)))
+                    prompt_tokens = self._int(req, item, "prompt_tokens", len(params.prompt_ids))
                     # decode-over-prompt: the first token waits for the whole prompt
                     timeout = stall + prompt_tokens * self._settings.prefill_ms_per_token / 1000
-                    yield Started(req.id, prompt_tokens, int(item.get("state_tokens", 0)), self.serial)
+                    yield Started(req.id, prompt_tokens, self._int(req, item, "state_tokens", 0), self.serial)
                 elif kind == "done":
                     if not req.started:
                         raise self._violation(req, "done before start")
@@ -471,10 +471,10 @@ class Session:
                     yield Finished(
                         req.id,
                         reason,
-                        int(item.get("prompt_tokens", 0)),
-                        int(item.get("completion_tokens", req.completion)),
-                        float(item.get("prefill_ms", 0.0)),
-                        float(item.get("decode_ms", 0.0)),
+                        self._int(req, item, "prompt_tokens", 0),
+                        self._int(req, item, "completion_tokens", req.completion),
+                        self._ms(item, "prefill_ms"),
+                        self._ms(item, "decode_ms"),
                     )
                     return
                 elif kind == "error":
@@ -499,10 +499,21 @@ class Session:
 
     def _tok_fields(self, req: _Request, ev: dict[str, Any]) -> tuple[list[int], float | None]:
         ids = ev.get("ids")
-        if not isinstance(ids, list):
-            raise self._violation(req, f"tok without ids: {ev!r:.120}")
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise self._violation(req, f"tok without a list of int ids: {ev!r:.120}")
         t_ms = ev.get("t_ms")
         return list(ids), float(t_ms) if isinstance(t_ms, (int, float)) else None
+
+    def _int(self, req: _Request, ev: dict[str, Any], key: str, default: int) -> int:
+        value = ev.get(key, default)
+        if type(value) is not int:
+            raise self._violation(req, f"{ev.get('ev')} with {key}={value!r}")
+        return value
+
+    @staticmethod
+    def _ms(ev: dict[str, Any], key: str) -> float:
+        value = ev.get(key)
+        return float(value) if isinstance(value, (int, float)) else 0.0
 
     def _violation(self, req: _Request, what: str) -> ProtocolViolation:
         self.abort(f"protocol violation in request {req.id}: {what}")
