@@ -22,7 +22,7 @@ import abc
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 
 @dataclass(slots=True)
@@ -75,7 +75,7 @@ class Finished:
     decode_ms: float
 
 
-Event = Union[Started, Tokens, Finished]
+Event = Started | Tokens | Finished
 
 
 class PhoneState(str, enum.Enum):
