@@ -294,3 +294,14 @@ def test_unknown_route_and_method_keep_their_status_in_the_envelope(live: LiveSe
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.get(live.base_url + "/v1/completions")
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_return_timings_extension_gives_the_phone_timeline(live: LiveServer) -> None:
+    r = live.client().completions.create(model=live.model, prompt=PROMPT, max_tokens=4,
+                                         extra_body={"return_timings": True})
+    t = (r.model_extra or {})["timings"]
+    assert t["phone"] == live.phone.serial and t["decode_ms"] is not None
+    assert t["phone_first_token_t_ms"] <= t["phone_last_token_t_ms"]
+    chunks = list(live.client().completions.create(model=live.model, prompt=PROMPT, max_tokens=4, stream=True,
+                                                   extra_body={"return_timings": True}))
+    assert [bool((c.model_extra or {}).get("timings")) for c in chunks] == [False] * (len(chunks) - 1) + [True]
