@@ -12,15 +12,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from live_server import BASE_KNOBS, LiveServer, ServerThread, wait_ready
 
 from server.api.app import create_app
 from server.serving.tokens import HostTokenizer
 from server.settings import Settings
 from server.sim.harness import SimLab
 from server.sim.vocab import ensure_tokenizer_json
-
-__all__ = ["BASE_KNOBS", "LiveServer", "ServerThread", "wait_ready"]  # older imports from conftest
+from tests.api.live_server import BASE_KNOBS, LiveServer, ServerThread, wait_ready
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import LiveServer
 
 from server.serving.chat.protocol import ChatCompletionRequest
 from server.serving.chat.template import ChatTemplate
 from server.serving.tokens import HostTokenizer
+from tests.api.live_server import LiveServer
 
 WEATHER = {
     "type": "function",

@@ -9,7 +9,8 @@ from functools import reduce
 from typing import Any
 
 import pytest
-from conftest import LiveServer
+
+from tests.api.live_server import LiveServer
 
 WEATHER = {
     "type": "function",

@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from live_server import LiveServer
 
 from server.serving.tokens import HostTokenizer
+from tests.api.live_server import LiveServer
 
 PROMPT = "The phone said"
 

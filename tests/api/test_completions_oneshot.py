@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from live_server import BASE_KNOBS, ServerThread, wait_ready
 
 from server.api.app import create_app
 from server.serving.tokens import HostTokenizer
 from server.settings import Settings
 from server.sim.harness import SimLab
+from tests.api.live_server import BASE_KNOBS, ServerThread, wait_ready
 
 
 @pytest.fixture(scope="module")

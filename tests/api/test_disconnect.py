@@ -8,7 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
-from live_server import LiveServer
+
+from tests.api.live_server import LiveServer
 
 
 def test_stream_disconnect_cancels_on_the_phone(live: LiveServer, phone_knobs: Any) -> None:

@@ -10,11 +10,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from live_server import LiveServer, ServerThread
 
 from server.api.app import create_app
 from server.settings import Settings
 from server.sim.harness import SimLab
+from tests.api.live_server import LiveServer, ServerThread
 
 
 def test_phone_crash_mid_stream_ends_with_an_error_event(live: LiveServer, phone_knobs: Any) -> None:

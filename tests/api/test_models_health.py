@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from live_server import LiveServer
+
+from tests.api.live_server import LiveServer
 
 
 def test_models_list_through_the_client(live: LiveServer) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from adb_helpers import backend_settings, wait_state
 
 from server.backends.adb.phone import Phone
 from server.backends.base import PhoneState
 from server.settings import Settings
 from server.sim.harness import SimLab, SimPhone
+from tests.backends.adb_helpers import backend_settings, wait_state
 
 
 @pytest.fixture(scope="session")

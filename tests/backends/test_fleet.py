@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from adb_helpers import backend_settings
 
 from server.backends.adb.fleet import AdbFleet
 from server.backends.adb.phone import Phone
 from server.backends.base import PhoneState
 from server.settings import Settings
 from server.sim.harness import SimLab
+from tests.backends.adb_helpers import backend_settings
 
 
 @pytest.fixture(scope="module")

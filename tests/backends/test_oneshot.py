@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
-from adb_helpers import sim_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +20,7 @@ from server.backends.adb.phone import Phone
 from server.backends.base import Event, Finished, GenerationParams, PhoneState, Started, Tokens
 from server.errors import PhoneLost, PhoneRequestError
 from server.sim.harness import SimLab, SimPhone
+from tests.backends.adb_helpers import sim_of
 
 MakePhone = Callable[..., Awaitable[Phone]]
 

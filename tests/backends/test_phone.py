@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from adb_helpers import knobs, sim_of, wait_state
 
 from server.backends.adb.phone import Phone
 from server.backends.base import Event, Finished, GenerationParams, PhoneState, Started, Tokens
@@ -21,6 +20,7 @@ from server.errors import (
     PhoneStalled,
 )
 from server.sim.harness import SimLab
+from tests.backends.adb_helpers import knobs, sim_of, wait_state
 
 MODEL = "qwen3.5-0.8b"
 

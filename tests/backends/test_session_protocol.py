@@ -11,12 +11,12 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import pytest
-from adb_helpers import wait_state
 
 from server.backends.adb.phone import Phone
 from server.backends.base import Finished, GenerationParams, PhoneState
 from server.errors import ProtocolViolation
 from server.sim.harness import SimPhone
+from tests.backends.adb_helpers import wait_state
 
 READY = '{"ev":"ready","proto":1,"model":"qwen3.5-0.8b","precision":"fp16","max_context":1024}'
 

@@ -7,12 +7,12 @@ import contextlib
 
 import anyio
 import pytest
-from inprocess_phone_double import InProcessPhoneDouble
 
 from server.backends.base import GenerationParams
 from server.errors import BackendError, Overloaded, PhoneLost, ProtocolViolation
 from server.serving.engine import Delta, Outcome, generate_text
 from server.serving.tokens import HostTokenizer
+from tests.serving.inprocess_phone_double import InProcessPhoneDouble
 
 EOS = [248044, 248046]
 

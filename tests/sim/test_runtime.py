@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runtime_proc import ENDOFTEXT, IM_END, RuntimeSession, cli_args, phone_env, run_cli, toks, wq
 
 from server.sim.harness import SimLab
 from server.sim.staging import stage_phone
 from server.sim.vocab import load_tokenizer, token_bytes
+from tests.sim.runtime_proc import ENDOFTEXT, IM_END, RuntimeSession, cli_args, phone_env, run_cli, toks, wq
 
 MODEL_CARD_LINE = (
     "cd {root} && LD_LIBRARY_PATH=. ./qhx_generate qwen35/qwen3.5-0.8b-1024.json libQnnHtp.so "

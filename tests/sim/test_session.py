@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runtime_proc import ENDOFTEXT, IM_END, RuntimeSession, toks
 from tokenizers import Tokenizer
 
 from server.sim.simconfig import write_sim_config
 from server.sim.staging import stage_phone
 from server.sim.vocab import THINK_END_ID, TOOL_CALL_ID, load_tokenizer, token_bytes
+from tests.sim.runtime_proc import ENDOFTEXT, IM_END, RuntimeSession, toks
 
 BASE = {"speed": 0, "load_s": 0}
 CAP = 300  # max_new on the session command line
