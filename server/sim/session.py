@@ -134,11 +134,12 @@ class Session:
                 continue
             self._out.send({"ev": "start", "id": req.id, "prompt_tokens": len(req.prompt_ids),
                             "state_tokens": self._engine.state_tokens(req)})
-            result = self._engine.run(
-                req,
-                lambda token, t_ms, rid=req.id: self._out.send({"ev": "tok", "id": rid, "ids": [token], "t_ms": t_ms}),
-                garbage=lambda: self._out.raw(GARBAGE_LINE),
-            )
+            rid = req.id
+
+            def send_tok(token: int, t_ms: float) -> None:
+                self._out.send({"ev": "tok", "id": rid, "ids": [token], "t_ms": t_ms})
+
+            result = self._engine.run(req, send_tok, garbage=lambda: self._out.raw(GARBAGE_LINE))
             # Idle *before* `done` is written: a host that sends the next generate as soon as it
             # reads `done` must never be told `busy`.
             self._idle()
@@ -161,7 +162,7 @@ class Session:
         if any(not 0 <= i < self._vocab_size for i in prompt_ids):
             raise BadRequest(f"prompt_ids must be in [0, {self._vocab_size})")
         max_new = msg.get("max_new")
-        if not _is_int(max_new) or max_new < 0:
+        if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 0:
             raise BadRequest("max_new must be an integer >= 0")
         temperature = _number(msg, "temperature", 0.0, minimum=0.0)
         _number(msg, "top_p", 1.0, minimum=0.0)
