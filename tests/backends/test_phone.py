@@ -6,9 +6,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from server.backends.adb.discovery import discover
 from server.backends.adb.phone import Phone
 from server.backends.base import Event, Finished, GenerationParams, PhoneState, Started, Tokens
 from server.errors import (
@@ -52,6 +54,16 @@ async def test_model_info_comes_from_the_bundle(phone: Phone) -> None:
     [model] = phone.models()
     assert (model.name, model.precision, model.max_context) == (MODEL, "fp16", 1024)
     assert model.tokenizer_path.endswith(f"{model.tokenizer_sha256}/tokenizer.json")
+    assert model.simulated and phone.health()[0].simulated  # getprop ro.qhx.simulated = 1
+
+
+async def test_tokenizer_is_pulled_once_then_served_from_the_cache(phone: Phone) -> None:
+    [model] = phone.models()
+    cached = Path(model.tokenizer_path)
+    before = cached.stat().st_mtime_ns
+    facts = await discover(phone._client, phone.serial, phone.settings)
+    assert facts.model is not None and facts.model.tokenizer_path == model.tokenizer_path
+    assert cached.stat().st_mtime_ns == before  # not pulled again
 
 
 async def test_cancel_mid_stream_leaves_the_same_session_reusable(lab: SimLab, phone: Phone) -> None:
