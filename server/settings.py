@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_LAUNCH = (
@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         None, description="Artifacts root to serve when a phone holds several (e.g. qwen35-w8). "
         "Default: the fp16 bundle (qwen35) if present, else the first found."
     )
+    bundle_for: list[str] = Field(
+        default_factory=list,
+        description="Per-phone bundle as SERIAL=BUNDLE (repeatable), overriding `bundle` for that phone "
+        "(e.g. R5CX12=qwen35-w8); write ADB_SERVER/SERIAL=BUNDLE when two adb servers see one serial.",
+    )
     model_name: str | None = Field(None, description="Override the served model name derived from the bundle.")
     max_context: int | None = Field(None, description="Override the context length derived from the manifest.")
     session_max_new: int = Field(1024, description="max_new passed on the session command line (upper bound).")
@@ -47,6 +52,15 @@ class Settings(BaseSettings):
     stall_timeout_s: float = Field(30.0, description="A token gap longer than this ends the request.")
     cancel_timeout_s: float = Field(5.0, description="Seconds to wait for `done` after sending `cancel`.")
     restart_backoff_max_s: float = Field(30.0, description="Cap of the session restart backoff (1, 2, 4 ... s).")
+    quarantine_after: int = Field(
+        2, ge=1, description="Consecutive failures (failed requests, failed session starts, sessions that "
+        "died) after which a phone is quarantined: out of rotation, retried after a backoff."
+    )
+    quarantine_s: float = Field(
+        10.0, description="Length of a first quarantine; doubled at each further failure in a row, up to "
+        "quarantine_max_s. A successful request ends the series."
+    )
+    quarantine_max_s: float = Field(300.0, description="Cap of the quarantine backoff.")
     tokenizer_cache: str = Field(
         "~/.cache/qhx-server/tokenizers", description="Host cache of phones' tokenizer.json, keyed by sha256."
     )
@@ -54,6 +68,10 @@ class Settings(BaseSettings):
         10.0, description="Socket timeout of short adb calls (device list, getprop, file pulls per read)."
     )
     device_poll_s: float = Field(1.0, description="Seconds between device-list polls of each adb server.")
+    recheck_incompatible_s: float = Field(
+        30.0, description="Seconds between discoveries of a phone that cannot serve (no bundle, wrong SoC), "
+        "so that a bundle pushed meanwhile is served without a restart."
+    )
     prefill_ms_per_token: float = Field(
         100.0,
         description="Extra wait for the first token per prompt token, on top of stall_timeout_s: phones "
@@ -70,5 +88,26 @@ class Settings(BaseSettings):
 
     # --- queueing ---
     max_queue: int = Field(64, description="Per-model queue bound; beyond it requests get 429.")
-    queue_timeout_s: float = Field(300.0, description="Longest a request may wait in the queue.")
+    queue_timeout_s: float = Field(
+        300.0, description="Longest a request may wait in its model's queue for a phone; then 503 "
+        "(code queue_timeout)."
+    )
     sse_ping_s: float = Field(15.0, description="Seconds between `: ping` SSE comments while a stream waits.")
+
+    @field_validator("bundle_for")
+    @classmethod
+    def _serial_equals_bundle(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            who, sep, bundle = entry.partition("=")
+            if not sep or not who.strip() or not bundle.strip():
+                raise ValueError(f"bundle_for entries are SERIAL=BUNDLE, got {entry!r}")
+        return v
+
+    def bundle_of(self, adb_server: str, serial: str) -> str | None:
+        """The bundle to serve on one phone: its ``bundle_for`` entry, else ``bundle`` (None: the
+        default choice, see discovery)."""
+        for entry in self.bundle_for:
+            who, _, bundle = entry.partition("=")
+            if who.strip() in (serial, f"{adb_server}/{serial}"):
+                return bundle.strip()
+        return self.bundle

@@ -109,14 +109,17 @@ class PhoneHealth:
     model: str | None = None
     product_model: str | None = None
     soc: str | None = None
-    bundles: list[str] = field(default_factory=list)
+    bundles: list[str] = field(default_factory=list)  # every bundle on the phone
+    bundle: str | None = None  # the one it serves
     mode: str | None = None  # session | oneshot
     request_in_flight: str | None = None
     tokens_served: int = 0
     last_decode_tps: float | None = None
     last_error: str | None = None
-    uptime_s: float = 0.0
+    uptime_s: float = 0.0  # since it last became ready (0 when not serving)
     simulated: bool = False
+    failures: int = 0  # failures in a row (a successful request resets it)
+    retry_in_s: float | None = None  # while quarantined: seconds until it is tried again
 
 
 class Backend(abc.ABC):

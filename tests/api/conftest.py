@@ -29,7 +29,9 @@ def api_lab() -> Iterator[SimLab]:
 
 @pytest.fixture(scope="session")
 def live(api_lab: SimLab) -> Iterator[LiveServer]:
-    settings = Settings(adb_servers=[api_lab.adb_server], sim=0, sse_ping_s=0.25, max_queue=1)
+    # crash tests fail the one phone several times in a row: keep its quarantine short
+    settings = Settings(adb_servers=[api_lab.adb_server], sim=0, sse_ping_s=0.25, max_queue=1, quarantine_s=0.5,
+                        quarantine_max_s=1.0)
     with ServerThread(create_app(settings)) as st:
         base = f"http://127.0.0.1:{st.port}"
         server = LiveServer(base, wait_ready(base), api_lab.phones[0], settings)

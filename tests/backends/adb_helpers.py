@@ -34,6 +34,8 @@ def backend_settings(lab: SimLab, cache: Path, **overrides: Any) -> Settings:
         "stall_timeout_s": 3.0,
         "cancel_timeout_s": 2.0,
         "restart_backoff_max_s": 0.2,
+        "quarantine_s": 0.2,
+        "quarantine_max_s": 0.5,
         "adb_timeout_s": 5.0,
         "device_poll_s": 0.2,
         **overrides,

@@ -108,3 +108,26 @@ async def test_an_unreachable_adb_server_is_no_phones_not_an_error(tok_cache: Pa
     await fleet.start()
     assert fleet.phones == {} and time.monotonic() - t0 < 5
     await fleet.aclose()
+
+
+async def test_a_phone_without_a_bundle_serves_once_one_is_pushed(tok_cache: Path) -> None:
+    lab = SimLab(phones=0, speed=0)
+    await asyncio.to_thread(lab.start)
+    try:
+        sim = await asyncio.to_thread(lab.add_phone)
+        manifest = sim.phone_path("/data/local/tmp/wq/qwen35/qwen3.5-0.8b-1024.json")
+        hidden = manifest.with_name("manifest.pushing")
+        manifest.rename(hidden)  # as if provisioning had not finished yet
+        fleet = AdbFleet(backend_settings(lab, tok_cache, recheck_incompatible_s=0.3))
+        await fleet.start()
+        try:
+            key = f"{lab.adb_server}/{sim.serial}"
+            await until(fleet, "incompatible", lambda f: f.phones[key].state is PhoneState.INCOMPATIBLE)
+            assert "no model bundle" in (fleet.phones[key].last_error or "")
+            hidden.rename(manifest)
+            await until(fleet, "ready once the bundle is there", lambda f: f.phones[key].state is PhoneState.READY,
+                        timeout=15)
+        finally:
+            await fleet.aclose()
+    finally:
+        await asyncio.to_thread(lab.stop)

@@ -20,7 +20,7 @@ from server.backends.adb.phone import Phone
 from server.backends.base import Event, Finished, GenerationParams, PhoneState, Started, Tokens
 from server.errors import PhoneLost, PhoneRequestError
 from server.sim.harness import SimLab, SimPhone
-from tests.backends.adb_helpers import sim_of
+from tests.backends.adb_helpers import sim_of, wait_state
 
 MakePhone = Callable[..., Awaitable[Phone]]
 
@@ -212,3 +212,19 @@ async def test_a_prompt_of_just_a_dash_is_refused_in_one_shot_mode(printf_phone:
     with pytest.raises(PhoneRequestError, match="session"):
         await run(printf_phone, params("dash", "-"))
     assert printf_phone.state is PhoneState.READY
+
+
+async def test_one_shot_phone_failing_twice_in_a_row_is_quarantined_then_served_again(
+    spare_sim: SimPhone, make_phone: MakePhone
+) -> None:
+    phone = await make_phone(spare_sim, device_mode="oneshot", launch_command="echo broken >&2; exit 3",
+                             quarantine_s=0.3)
+    for i in range(2):
+        with pytest.raises(PhoneLost, match="code 3"):
+            await run(phone, params(f"q{i}", "hi"))
+    assert phone.state is PhoneState.QUARANTINED
+    health = phone.health()[0]
+    assert health.failures == 2 and health.retry_in_s is not None and 0 < health.retry_in_s <= 0.3
+    assert "broken" in (health.last_error or "")
+    await wait_state(phone, PhoneState.READY, timeout=10)  # tried again after the quarantine
+    assert phone.mode == "oneshot"

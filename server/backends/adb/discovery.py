@@ -177,8 +177,13 @@ def model_identity(bundle: Bundle, settings: Settings) -> tuple[str, int]:
 # --------------------------------------------------------------------------- talking to the phone
 
 
-async def discover(client: AdbServerClient, serial: str, settings: Settings) -> PhoneFacts:
-    """Everything needed to serve from this phone (``problem`` says why not). PhoneLost on adb trouble."""
+async def discover(
+    client: AdbServerClient, serial: str, settings: Settings, *, fetch_tokenizer: bool = True
+) -> PhoneFacts:
+    """Everything needed to serve from this phone (``problem`` says why not). PhoneLost on adb trouble.
+
+    ``fetch_tokenizer=False`` (a listing, not serving) leaves the tokenizer where it is: the model's
+    ``tokenizer_path`` and ``tokenizer_sha256`` are then empty."""
     root = settings.device_root.rstrip("/") or "/"
     # one process for all properties (each getprop costs a process start on the phone)
     script = (
@@ -195,18 +200,19 @@ async def discover(client: AdbServerClient, serial: str, settings: Settings) -> 
         bundles=parse_bundles([line[5:] for line in text.splitlines() if line.startswith("file:")]),
     )
     try:
-        await _inspect_bundle(client, serial, settings, root, facts)
+        await _inspect_bundle(client, serial, settings, root, facts, fetch_tokenizer)
     except Incompatible as e:
         facts.problem = str(e)
     return facts
 
 
 async def _inspect_bundle(
-    client: AdbServerClient, serial: str, settings: Settings, root: str, facts: PhoneFacts
+    client: AdbServerClient, serial: str, settings: Settings, root: str, facts: PhoneFacts,
+    fetch_tokenizer: bool = True,
 ) -> None:
     if not facts.bundles:
         raise Incompatible(f"no model bundle under {root} (expected <bundle>/<family>-<N>.json)")
-    bundle = facts.bundle = choose_bundle(facts.bundles, settings.bundle)
+    bundle = facts.bundle = choose_bundle(facts.bundles, settings.bundle_of(client.address, serial))
     if TOKENIZER not in bundle.files:
         raise Incompatible(f"bundle {bundle.name} has no {TOKENIZER}")
     bundle_dir = f"{root}/{bundle.name}"
@@ -223,13 +229,16 @@ async def _inspect_bundle(
     why = arch_mismatch(manifest, facts.soc)
     if why:
         raise Incompatible(f"{bundle.name}: {why}")
-    sha, path = await ensure_tokenizer(client, serial, f"{bundle_dir}/{TOKENIZER}", settings)
+    sha, path = "", ""
+    if fetch_tokenizer:
+        sha, cached = await ensure_tokenizer(client, serial, f"{bundle_dir}/{TOKENIZER}", settings)
+        path = str(cached)
     name, context = model_identity(bundle, settings)
     facts.model = ModelInfo(
         name=name,
         precision=bundle.precision,
         max_context=context,
-        tokenizer_path=str(path),
+        tokenizer_path=path,
         tokenizer_sha256=sha,
         phones=[serial],
         simulated=facts.simulated,

@@ -4,13 +4,16 @@ Every ``settings.device_poll_s`` seconds each adb server is asked for its device
 worker thread, short socket timeout). A serial seen in state ``device`` gets a :class:`Phone` (started:
 discovery, session); a phone that disappears, turns ``offline``/``unauthorized``, or whose adb server
 stops answering is stopped and shown OFFLINE (kept in ``phones`` with its counters, restarted when it
-comes back). Phones are keyed ``"<adb_server>/<serial>"`` since two servers may see the same serial.
+comes back). A phone that cannot serve (INCOMPATIBLE: no bundle, wrong SoC) is discovered again every
+``settings.recheck_incompatible_s``, so that a bundle provisioned meanwhile is served without a restart.
+Phones are keyed ``"<adb_server>/<serial>"`` since two servers may see the same serial.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from adbutils.errors import AdbError
@@ -104,7 +107,10 @@ class AdbFleet:
                     logger.info("new phone %s", key)
                     phone = Phone(serial, server, self.settings, client=client, on_change=self.on_change)
                     self.phones[key] = phone
-                if phone.state is PhoneState.OFFLINE:
+                if phone.state is PhoneState.OFFLINE or (
+                    phone.state is PhoneState.INCOMPATIBLE
+                    and time.monotonic() - phone.state_since >= self.settings.recheck_incompatible_s
+                ):
                     await phone.start()
             elif phone is not None and phone.state is not PhoneState.OFFLINE:
                 hint = " (accept the debugging prompt on the phone)" if adb_state == "unauthorized" else ""

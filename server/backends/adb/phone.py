@@ -3,16 +3,26 @@
 State machine (PhoneState)::
 
     OFFLINE --start()--> STARTING --ready--> READY <--> BUSY
-                            |                  |
-                            |          session died / stalled
-                            v                  v
-                      INCOMPATIBLE        RESTARTING --(backoff 1, 2, 4 ... s)--> STARTING ...
+                            |   ^              |
+                            |   |      session died / stalled
+                            v   |              v
+                  INCOMPATIBLE  +--(backoff)-- RESTARTING      (a failure, fewer than quarantine_after
+                                |                               in a row)
+                                +--(backoff)-- QUARANTINED     (quarantine_after failures in a row)
 
 A supervisor task discovers the phone, starts the session and waits for it to end; a dead session is
 restarted with exponential backoff capped at ``settings.restart_backoff_max_s`` (reset once a session
 has served a request or lived a minute). ``device_mode=auto`` falls back to one-shot for this phone,
 logged once, when the runtime does not answer the session start with ``ready``. Every state change
 calls ``on_change(phone)`` so that a scheduler can react (phone ready, idle, gone).
+
+Health (quarantine) lives here, in the phone's supervisor, not in the pool: a *failure* is a session
+that ended (a request that stalled, crashed or broke the protocol ends its session; so does a phone
+that dies while idle), a session start that failed, or, in one-shot mode, a request that failed that
+way. After ``quarantine_after`` failures in a row the phone is QUARANTINED (out of rotation, its
+``last_error`` and ``retry_in_s`` in its health) for ``quarantine_s``, doubled at each further failure
+up to ``quarantine_max_s``, then started again. A request that finishes resets the count; so does
+plugging the phone in again (start from OFFLINE). The pool only routes to READY phones.
 """
 
 from __future__ import annotations
@@ -46,12 +56,16 @@ from server.errors import (
     NoPhoneAvailable,
     PhoneBusy,
     PhoneLost,
+    PhoneStalled,
+    ProtocolViolation,
 )
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 STABLE_SESSION_S = 60.0  # a session that lived this long resets the restart backoff
+# request errors that are the phone's fault (a rejected request, PhoneRequestError, is not)
+PHONE_FAULTS = (PhoneLost, PhoneStalled, ProtocolViolation)
 
 
 class Phone(Backend):
@@ -71,6 +85,7 @@ class Phone(Backend):
         self.key = f"{adb_server}/{serial}"
         self.settings = settings
         self.state = PhoneState.OFFLINE
+        self.state_since = time.monotonic()
         self.model: ModelInfo | None = None
         self.facts: PhoneFacts | None = None
         self.mode: str | None = None  # session | oneshot
@@ -85,6 +100,8 @@ class Phone(Backend):
         self._last_tps: float | None = None
         self._ready_since: float | None = None
         self._fallback_logged = False
+        self._failures = 0  # in a row; see the module docstring (health)
+        self._quarantine_until: float | None = None  # time.monotonic()
 
     def __repr__(self) -> str:
         return f"<Phone {self.key} {self.state.value} {self.mode or '-'}>"
@@ -98,6 +115,7 @@ class Phone(Backend):
             return
         logger.info("%s: %s -> %s%s", self.key, self.state.value, state.value, f" ({error})" if error else "")
         self.state = state
+        self.state_since = time.monotonic()
         if state is PhoneState.READY and self._ready_since is None:
             self._ready_since = time.monotonic()
         elif state not in (PhoneState.READY, PhoneState.BUSY):
@@ -118,6 +136,8 @@ class Phone(Backend):
         """Start (or restart, after stop) the supervisor. Returns at once; watch ``state``."""
         if self._supervisor is not None and not self._supervisor.done():
             return
+        if self.state is PhoneState.OFFLINE:
+            self._failures = 0  # plugged in (again): a fresh start
         self._supervisor = asyncio.create_task(self._supervise(), name=f"qhx-phone-{self.key}")
 
     async def stop(self, reason: str = "stopped", *, graceful: bool = True) -> None:
@@ -158,7 +178,9 @@ class Phone(Backend):
         attempt = 0
         facts: PhoneFacts | None = None
         while True:
-            if attempt:
+            if self._failures >= self.settings.quarantine_after:
+                await self._quarantine()
+            elif attempt:
                 delay = min(2.0 ** (attempt - 1), self.settings.restart_backoff_max_s)
                 self._set_state(PhoneState.RESTARTING)
                 logger.info("%s: restarting in %.1f s (attempt %d)", self.key, delay, attempt + 1)
@@ -170,7 +192,8 @@ class Phone(Backend):
                     facts = await discover(self._client, self.serial, self.settings)
                     self.facts, self.model = facts, facts.model
                 if facts.problem is not None:
-                    logger.error("%s: cannot serve: %s", self.key, facts.problem)
+                    if facts.problem != self.last_error:  # rechecked now and then: say it once
+                        logger.error("%s: cannot serve: %s", self.key, facts.problem)
                     self._set_state(PhoneState.INCOMPATIBLE, facts.problem)
                     return
                 if self.settings.device_mode == "oneshot" or self.mode == "oneshot":
@@ -204,10 +227,30 @@ class Phone(Backend):
                 if self._tokens_served > served_before or time.monotonic() - since > STABLE_SESSION_S:
                     attempt = 1
                 self.last_error = reason
+                self._failures += 1  # stop() cancels this task: a session that ends here failed
             except (BackendError, AdbError, OSError) as e:
                 logger.warning("%s: start failed: %s", self.key, e)
                 self.last_error = str(e)
+                self._failures += 1
                 facts = None
+
+    def _enter_quarantine(self) -> None:
+        """QUARANTINED for the backoff of the current failure series (see the module docstring)."""
+        k = self._failures - self.settings.quarantine_after
+        delay = min(self.settings.quarantine_s * 2.0**k, self.settings.quarantine_max_s)
+        logger.warning("%s: quarantined for %.1f s after %d failures in a row (last: %s)", self.key, delay,
+                       self._failures, self.last_error)
+        self._quarantine_until = time.monotonic() + delay
+        self._set_state(PhoneState.QUARANTINED)
+
+    async def _quarantine(self) -> None:
+        """Out of rotation until the quarantine is over, then back to the caller (the supervisor)."""
+        if self._quarantine_until is None:
+            self._enter_quarantine()
+        try:
+            await asyncio.sleep(max(0.0, (self._quarantine_until or 0.0) - time.monotonic()))
+        finally:
+            self._quarantine_until = None
 
     def _start_oneshot(self, facts: PhoneFacts) -> None:
         assert facts.bundle is not None
@@ -248,17 +291,24 @@ class Phone(Backend):
             async for ev in source:
                 if isinstance(ev, Tokens):
                     self._tokens_served += len(ev.ids)
-                elif isinstance(ev, Finished) and ev.decode_ms > 0 and ev.completion_tokens > 0:
-                    self._last_tps = ev.completion_tokens / (ev.decode_ms / 1000)
+                elif isinstance(ev, Finished):
+                    self._failures = 0
+                    if ev.decode_ms > 0 and ev.completion_tokens > 0:
+                        self._last_tps = ev.completion_tokens / (ev.decode_ms / 1000)
                 yield ev
         except BackendError as e:
             self.last_error = str(e)
+            if self.mode == "oneshot" and isinstance(e, PHONE_FAULTS):
+                self._failures += 1  # (in session mode the supervisor counts the session's end)
             raise
         finally:
             await source.aclose()  # type: ignore[attr-defined]
             self._request_id = None
             if self.state is PhoneState.BUSY:
-                if self.mode == "oneshot":
+                if self.mode == "oneshot" and self._failures >= self.settings.quarantine_after:
+                    self._enter_quarantine()  # the supervisor waits it out, then starts over
+                    self._supervisor = asyncio.create_task(self._supervise(), name=f"qhx-phone-{self.key}")
+                elif self.mode == "oneshot":
                     self._set_state(PhoneState.READY)
                 elif self._session is None or not self._session.alive:
                     self._set_state(PhoneState.RESTARTING)  # the supervisor takes it from here
@@ -297,6 +347,7 @@ class Phone(Backend):
 
     def health(self) -> list[PhoneHealth]:
         facts = self.facts
+        until = self._quarantine_until
         return [
             PhoneHealth(
                 serial=self.serial,
@@ -306,6 +357,7 @@ class Phone(Backend):
                 product_model=facts.product_model if facts else None,
                 soc=facts.soc if facts else None,
                 bundles=[b.name for b in facts.bundles] if facts else [],
+                bundle=facts.bundle.name if facts and facts.bundle else None,
                 mode=self.mode,
                 request_in_flight=self._request_id,
                 tokens_served=self._tokens_served,
@@ -313,6 +365,8 @@ class Phone(Backend):
                 last_error=self.last_error,
                 uptime_s=time.monotonic() - self._ready_since if self._ready_since else 0.0,
                 simulated=facts.simulated if facts else False,
+                failures=self._failures,
+                retry_in_s=max(0.0, until - time.monotonic()) if until is not None else None,
             )
         ]
 
