@@ -46,6 +46,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
         headers = {}
         if isinstance(exc, Overloaded):
             headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+            # the openai clients prefer this one: the pool's estimate unrounded
+            headers["retry-after-ms"] = str(max(1, round(exc.retry_after * 1000)))
         return exc.status_code, _envelope(exc.message, exc.error_type, exc.param, exc.code), headers
     if isinstance(exc, RequestValidationError):
         return 400, _validation_envelope(exc), {}

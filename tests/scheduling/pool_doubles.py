@@ -1,0 +1,113 @@
+"""In-process phones for the scheduler's unit tests (routing, FIFO, bounds, retries).
+
+Not the simulated phone (that one is reached through the real adb server; the e2e tests use it):
+these are the smallest ``PoolPhone`` that lets a test hold a request on a phone, release it, fail it
+before or after its first token, and change the phone's state, deterministically and in microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.backends.base import (
+    Event,
+    Finished,
+    GenerationParams,
+    ModelInfo,
+    PhoneHealth,
+    PhoneState,
+    Started,
+    Tokens,
+)
+from server.errors import PhoneLost
+from server.scheduling.pool import PhonePool
+from server.settings import Settings
+
+
+def model_info(name: str = "m") -> ModelInfo:
+    return ModelInfo(name=name, precision="fp16", max_context=1024, tokenizer_path="", tokenizer_sha256="")
+
+
+@dataclass(eq=False)
+class DoublePhone:
+    """A phone serving ``model``. ``hold`` keeps every request on the phone until ``release()``;
+    ``fail_before``/``fail_after_first`` make the next requests fail that way."""
+
+    key: str
+    pool: PhonePool | None = None
+    model: ModelInfo | None = field(default_factory=model_info)
+    state: PhoneState = PhoneState.READY
+    hold: bool = False
+    fail_before: int = 0  # the next N requests fail before their first token
+    fail_after_first: int = 0  # the next N requests fail right after their first token
+    after_failure: PhoneState = PhoneState.READY  # the state a failure leaves it in
+    served: list[str] = field(default_factory=list)  # request ids, in start order
+    _gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_state(self, state: PhoneState) -> None:
+        self.state = state
+        if self.pool is not None:
+            self.pool.phone_changed(self)
+
+    def release(self) -> None:
+        self._gate.set()
+
+    async def generate(self, params: GenerationParams) -> AsyncIterator[Event]:
+        assert self.state is PhoneState.READY, f"{self.key} got a request while {self.state.value}"
+        rid = params.request_id
+        self.served.append(rid)
+        self.set_state(PhoneState.BUSY)
+        after = PhoneState.READY
+        try:
+            yield Started(rid, len(params.prompt_ids), 0, self.key)
+            if self.fail_before:
+                self.fail_before -= 1
+                after = self.after_failure
+                raise PhoneLost(f"{self.key} died before the first token of {rid}")
+            yield Tokens(rid, [1], None)
+            if self.fail_after_first:
+                self.fail_after_first -= 1
+                after = self.after_failure
+                raise PhoneLost(f"{self.key} died during {rid}")
+            if self.hold:
+                self._gate.clear()
+                await self._gate.wait()
+            yield Finished(rid, "length", len(params.prompt_ids), 1, 1.0, 1.0)
+        finally:
+            if self.state is PhoneState.BUSY:
+                self.set_state(after)
+
+    async def cancel(self, request_id: str) -> None:
+        self.release()
+
+    def health(self) -> list[PhoneHealth]:
+        return [PhoneHealth(self.key, "double", self.state)]
+
+
+class DoubleSource:
+    """The pool's phone source: a dict of DoublePhones."""
+
+    def __init__(self) -> None:
+        self.phones: dict[str, DoublePhone] = {}
+
+    async def aclose(self) -> None:
+        return None
+
+
+def make_pool(n: int = 2, **settings: object) -> tuple[PhonePool, dict[str, DoublePhone]]:
+    pool = PhonePool(Settings(sim=0, **settings))  # type: ignore[arg-type]
+    source = DoubleSource()
+    for i in range(n):
+        source.phones[f"p{i}"] = DoublePhone(f"p{i}", pool)
+    pool.attach(source)
+    return pool, source.phones
+
+
+def params(rid: str, model: str = "m") -> GenerationParams:
+    return GenerationParams(request_id=rid, model=model, prompt_ids=[1, 2, 3], max_new=4)
+
+
+async def run(pool: PhonePool, rid: str, model: str = "m") -> list[Event]:
+    return [ev async for ev in pool.generate(params(rid, model))]
