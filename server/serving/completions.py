@@ -18,10 +18,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from server.backends.base import Backend, GenerationParams
 from server.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
+from server.serving.choices import choice_params, merge_choices
 from server.serving.engine import Delta, Outcome, generate_text
 from server.serving.models import ModelRegistry
 from server.serving.protocol import Completion, CompletionChoice, CompletionRequest, CompletionUsage
@@ -137,62 +138,76 @@ class CompletionService:
             async for ev in events:
                 yield ev
 
+    def _choices(self, p: PreparedCompletion) -> AsyncGenerator[tuple[int, Delta | Outcome], None]:
+        """The request's ``n`` choices at once, as (index, item) (server/serving/choices.py)."""
+        n = p.request.n or 1
+        return merge_choices(n, lambda i: self._run(replace(p, params=choice_params(p.params, i, n))))
+
     async def complete(self, p: PreparedCompletion) -> str:
         """The whole completion, as the response's JSON text."""
-        parts = [p.echo_text]
-        outcome: Outcome | None = None
-        async with contextlib.aclosing(self._run(p)) as events:
-            async for ev in events:
+        n = p.request.n or 1
+        parts: list[list[str]] = [[p.echo_text] for _ in range(n)]
+        outcomes: list[Outcome | None] = [None] * n
+        async with contextlib.aclosing(self._choices(p)) as items:
+            async for i, ev in items:
                 if isinstance(ev, Delta):
-                    parts.append(ev.text)
+                    parts[i].append(ev.text)
                 else:
-                    outcome = ev
-        assert outcome is not None
+                    outcomes[i] = ev
+        done = [o for o in outcomes if o is not None]
+        assert len(done) == n
         body = Completion(
             id=p.id, created=p.created, model=p.model,
-            choices=[CompletionChoice(finish_reason=outcome.finish_reason, index=0, text="".join(parts))],
-            usage=_usage(outcome), timings=self._timings(p, outcome),
+            choices=[CompletionChoice(finish_reason=o.finish_reason, index=i, text="".join(parts[i]))
+                     for i, o in enumerate(done)],
+            usage=_usage(done), timings=self._timings(p, *done),
         )
         return body.model_dump_json(exclude=None if p.request.return_timings else {"timings"})
 
     async def stream(self, p: PreparedCompletion) -> AsyncGenerator[str, None]:
         """The chunks' JSON texts, OpenAI's order: text chunks, the finish chunk, then (with
         ``stream_options.include_usage``) a usage chunk with no choices. The SSE layer adds framing
-        and ``[DONE]``."""
+        and ``[DONE]``. With ``n`` > 1 the choices' chunks interleave, each with its index."""
         include_usage = p.request.include_usage
         exclude = {"timings"} if include_usage else {"timings", "usage"}
 
-        def chunk(text: str, finish: str | None = None, timings: dict[str, object] | None = None) -> str:
+        def chunk(index: int, text: str, finish: str | None = None,
+                  timings: dict[str, object] | None = None) -> str:
             c = Completion(
                 id=p.id, created=p.created, model=p.model,
-                choices=[CompletionChoice(finish_reason=finish, index=0, text=text)],  # type: ignore[arg-type]
+                choices=[CompletionChoice(finish_reason=finish, index=index, text=text)],  # type: ignore[arg-type]
                 timings=timings,
             )
             return c.model_dump_json(exclude=exclude - {"timings"} if timings is not None else exclude)
 
-        echo_pending = bool(p.echo_text)
-        async with contextlib.aclosing(self._run(p)) as events:
-            async for ev in events:
+        echo_pending = [bool(p.echo_text)] * (p.request.n or 1)
+        outcomes: list[Outcome] = []
+        async with contextlib.aclosing(self._choices(p)) as items:
+            async for i, ev in items:
                 if isinstance(ev, Delta):
-                    if echo_pending:  # at admission: queueing errors stay HTTP errors
-                        echo_pending = False
-                        yield chunk(p.echo_text)
+                    if echo_pending[i]:  # at admission: queueing errors stay HTTP errors
+                        echo_pending[i] = False
+                        yield chunk(i, p.echo_text)
                     if ev.text:
-                        yield chunk(ev.text)
+                        yield chunk(i, ev.text)
                     continue
-                yield chunk("", ev.finish_reason, self._timings(p, ev))
-                if include_usage:
-                    usage = Completion(id=p.id, created=p.created, model=p.model, choices=[], usage=_usage(ev))
-                    yield usage.model_dump_json(exclude={"timings"})
+                outcomes.append(ev)
+                yield chunk(i, "", ev.finish_reason, self._timings(p, ev))
+        if include_usage:
+            usage = Completion(id=p.id, created=p.created, model=p.model, choices=[], usage=_usage(outcomes))
+            yield usage.model_dump_json(exclude={"timings"})
 
     @staticmethod
-    def _timings(p: PreparedCompletion, o: Outcome) -> dict[str, object] | None:
+    def _timings(p: PreparedCompletion, *outcomes: Outcome) -> dict[str, object] | None:
+        """One choice's timeline; several choices' as a list under ``choices``."""
         if not p.request.return_timings:
             return None
-        return {"phone": o.phone, **o.timings}
+        each: list[dict[str, object]] = [{"phone": o.phone, **o.timings} for o in outcomes]
+        return each[0] if len(each) == 1 else {"choices": each}
 
 
-def _usage(o: Outcome) -> CompletionUsage:
-    return CompletionUsage(
-        completion_tokens=o.completion_tokens, prompt_tokens=o.prompt_tokens, total_tokens=o.total_tokens
-    )
+def _usage(outcomes: list[Outcome]) -> CompletionUsage:
+    """The prompt counts once for all choices (as OpenAI counts it), completions add up."""
+    prompt = outcomes[0].prompt_tokens if outcomes else 0
+    completion = sum(o.completion_tokens for o in outcomes)
+    return CompletionUsage(completion_tokens=completion, prompt_tokens=prompt, total_tokens=prompt + completion)

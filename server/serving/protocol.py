@@ -93,8 +93,6 @@ class CompletionRequest(_Request):
     def check_supported(self) -> None:
         """Reject, naming the field, every non-default value we cannot honour (never silently ignore a
         parameter that changes the output)."""
-        if self.n not in (None, 1):
-            raise UnsupportedParameter("Only n=1 is supported.", param="n")
         if self.best_of not in (None, 0, 1):
             raise UnsupportedParameter("best_of > 1 is not supported.", param="best_of")
         if self.logprobs:  # null and 0 are accepted; the response's logprobs is always null

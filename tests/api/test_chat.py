@@ -237,7 +237,6 @@ def test_tool_choice_none_renders_tools_but_parses_no_call(live: LiveServer, pho
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"presence_penalty": 1.5}, "presence_penalty"),

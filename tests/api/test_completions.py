@@ -186,7 +186,7 @@ def test_unknown_fields_are_accepted(live: LiveServer) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("n", 2), ("best_of", 3), ("logprobs", 2), ("suffix", "tail"), ("presence_penalty", 0.5),
+    [("best_of", 3), ("logprobs", 2), ("suffix", "tail"), ("presence_penalty", 0.5),
      ("frequency_penalty", -0.5), ("logit_bias", {"50256": -100})],
 )
 def test_parameters_we_cannot_honour_are_400_naming_them(live: LiveServer, field: str, value: Any) -> None:

@@ -179,8 +179,6 @@ class ChatCompletionRequest(_Request):
 
     def check_supported(self) -> None:
         """Reject, naming the field, every non-default value we cannot honour."""
-        if self.n not in (None, 1):
-            raise UnsupportedParameter("Only n=1 is supported.", param="n")
         if self.logprobs:
             raise UnsupportedParameter("logprobs are not supported.", param="logprobs")
         if self.top_logprobs:

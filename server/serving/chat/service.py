@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -41,6 +41,7 @@ from server.serving.chat.protocol import (
 from server.serving.chat.reply import Piece, Reasoning, ReplyParser
 from server.serving.chat.template import ChatTemplate
 from server.serving.chat.tools import ArgumentsDelta, CallStarted, Text, ToolPlan, plan_tools
+from server.serving.choices import choice_params, merge_choices
 from server.serving.engine import Delta as TextDelta
 from server.serving.engine import Outcome, generate_text
 from server.serving.models import ModelRegistry
@@ -177,29 +178,38 @@ class ChatService:
         return ReplyParser(p.prompt.plan, thinking=p.prompt.thinking,
                            parallel_tool_calls=p.request.parallel_tool_calls is not False)
 
+    def _choices(self, p: PreparedChat) -> AsyncGenerator[tuple[int, TextDelta | Outcome], None]:
+        """The request's ``n`` choices at once, as (index, item) (server/serving/choices.py)."""
+        n = p.request.n or 1
+        return merge_choices(n, lambda i: self._run(replace(p, params=choice_params(p.params, i, n))))
+
     async def complete(self, p: PreparedChat) -> str:
         """The whole reply, as the response's JSON text."""
-        reply = self._reply(p)
-        outcome: Outcome | None = None
-        async with contextlib.aclosing(self._run(p)) as events:
-            async for ev in events:
+        n = p.request.n or 1
+        replies = [self._reply(p) for _ in range(n)]
+        outcomes: list[Outcome | None] = [None] * n
+        async with contextlib.aclosing(self._choices(p)) as items:
+            async for i, ev in items:
                 if isinstance(ev, TextDelta):
-                    reply.feed(ev.text)
+                    replies[i].feed(ev.text)
                 else:
-                    outcome = ev
-        assert outcome is not None
-        reply.finish()
-        calls = [ToolCallOut(id=c.id, function=ToolCallFunction(arguments=c.arguments, name=c.name))
-                 for c in reply.calls]
-        message = AssistantMessage(
-            content=reply.content if reply.content or not calls else None,
-            tool_calls=calls or None,
-            reasoning_content=reply.reasoning or None,
-        )
+                    outcomes[i] = ev
+        done = [o for o in outcomes if o is not None]
+        assert len(done) == n
+        choices = []
+        for i, (reply, outcome) in enumerate(zip(replies, done, strict=True)):
+            reply.finish()
+            calls = [ToolCallOut(id=c.id, function=ToolCallFunction(arguments=c.arguments, name=c.name))
+                     for c in reply.calls]
+            message = AssistantMessage(
+                content=reply.content if reply.content or not calls else None,
+                tool_calls=calls or None,
+                reasoning_content=reply.reasoning or None,
+            )
+            choices.append(ChatChoice(finish_reason=_finish_reason(outcome, reply), index=i, message=message))
         body = ChatCompletion(
-            id=p.id, created=p.created, model=p.model,
-            choices=[ChatChoice(finish_reason=_finish_reason(outcome, reply), message=message)],
-            usage=_usage(outcome), timings=_timings(p, outcome),
+            id=p.id, created=p.created, model=p.model, choices=choices, usage=_usage(done),
+            timings=_timings(p, *done),
         )
         return body.model_dump_json(exclude=None if p.request.return_timings else {"timings"})
 
@@ -207,36 +217,40 @@ class ChatService:
         """The chunks' JSON texts in OpenAI's order: the role chunk (when the phone accepted the
         prompt), reasoning/content/tool-call deltas, the finish chunk (empty delta), then (with
         ``stream_options.include_usage``) a usage chunk with no choices. The SSE layer adds framing
-        and ``[DONE]``."""
+        and ``[DONE]``. With ``n`` > 1 the choices' chunks interleave, each with its index."""
         include_usage = p.request.include_usage
         exclude = {"timings"} if include_usage else {"timings", "usage"}
 
-        def chunk(delta: Delta, finish: ChatFinishReason | None = None,
+        def chunk(index: int, delta: Delta, finish: ChatFinishReason | None = None,
                   timings: dict[str, object] | None = None) -> str:
             c = ChatCompletionChunk(
                 id=p.id, created=p.created, model=p.model,
-                choices=[ChunkChoice(delta=delta, finish_reason=finish)], timings=timings,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish, index=index)], timings=timings,
             )
             return c.model_dump_json(exclude=exclude - {"timings"} if timings is not None else exclude)
 
-        reply = self._reply(p)
-        role_sent = False
-        async with contextlib.aclosing(self._run(p)) as events:
-            async for ev in events:
+        n = p.request.n or 1
+        replies = [self._reply(p) for _ in range(n)]
+        role_sent = [False] * n
+        outcomes: list[Outcome] = []
+        async with contextlib.aclosing(self._choices(p)) as items:
+            async for i, ev in items:
+                reply = replies[i]
                 if isinstance(ev, TextDelta):
-                    if not role_sent:  # at admission: queueing errors stay HTTP errors
-                        role_sent = True
-                        yield chunk(Delta(role="assistant", content=""))
+                    if not role_sent[i]:  # at admission: queueing errors stay HTTP errors
+                        role_sent[i] = True
+                        yield chunk(i, Delta(role="assistant", content=""))
                     for piece in reply.feed(ev.text):
-                        yield chunk(_delta(piece))
+                        yield chunk(i, _delta(piece))
                     continue
                 for piece in reply.finish():
-                    yield chunk(_delta(piece))
-                yield chunk(Delta(), _finish_reason(ev, reply), _timings(p, ev))
-                if include_usage:
-                    usage = ChatCompletionChunk(id=p.id, created=p.created, model=p.model, choices=[],
-                                                usage=_usage(ev))
-                    yield usage.model_dump_json(exclude={"timings"})
+                    yield chunk(i, _delta(piece))
+                outcomes.append(ev)
+                yield chunk(i, Delta(), _finish_reason(ev, reply), _timings(p, ev))
+        if include_usage:
+            usage = ChatCompletionChunk(id=p.id, created=p.created, model=p.model, choices=[],
+                                        usage=_usage(outcomes))
+            yield usage.model_dump_json(exclude={"timings"})
 
 
 def _delta(piece: Piece) -> Delta:
@@ -257,12 +271,16 @@ def _finish_reason(outcome: Outcome, reply: ReplyParser) -> ChatFinishReason:
     return "tool_calls" if reply.calls and outcome.finish_reason == "stop" else outcome.finish_reason
 
 
-def _usage(o: Outcome) -> CompletionUsage:
-    return CompletionUsage(completion_tokens=o.completion_tokens, prompt_tokens=o.prompt_tokens,
-                           total_tokens=o.total_tokens)
+def _usage(outcomes: list[Outcome]) -> CompletionUsage:
+    """The prompt counts once for all choices (as OpenAI counts it), completions add up."""
+    prompt = outcomes[0].prompt_tokens if outcomes else 0
+    completion = sum(o.completion_tokens for o in outcomes)
+    return CompletionUsage(completion_tokens=completion, prompt_tokens=prompt, total_tokens=prompt + completion)
 
 
-def _timings(p: PreparedChat, o: Outcome) -> dict[str, object] | None:
+def _timings(p: PreparedChat, *outcomes: Outcome) -> dict[str, object] | None:
+    """One choice's timeline; several choices' as a list under ``choices``."""
     if not p.request.return_timings:
         return None
-    return {"phone": o.phone, **o.timings}
+    each: list[dict[str, object]] = [{"phone": o.phone, **o.timings} for o in outcomes]
+    return each[0] if len(each) == 1 else {"choices": each}
