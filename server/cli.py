@@ -67,7 +67,7 @@ def _provision(argv: list[str]) -> int:
 def _devices(ns: argparse.Namespace) -> int:
     from server.backends.adb.report import print_devices
 
-    return print_devices(settings_from_args(ns))
+    return print_devices(settings_from_args(ns), as_json=ns.json)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sim", help="Run simulated phones (see `qhx-server sim --help`).")
     dev_p = sub.add_parser("devices", help="List phones, their bundles and state, straight from adb.")
     add_settings_arguments(dev_p)
+    dev_p.add_argument("--json", action="store_true", help="Print the phones as GET /v1/devices does.")
     dev_p.set_defaults(func=_devices)
     sub.add_parser("provision", help="Push a bundle (and runtime) to phones, resumable and verified "
                    "(see `qhx-server provision --help`).")
