@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind the HTTP server to.")
     port: int = Field(8000, description="Port to bind the HTTP server to.")
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log line format: text, or json (one object per line: ts, level, logger, msg, "
+        "request_id and the request's fields)."
+    )
 
     # --- phones ---
     adb_servers: list[str] = Field(

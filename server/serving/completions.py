@@ -24,6 +24,7 @@ from server.backends.base import Backend, GenerationParams
 from server.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
 from server.serving.choices import choice_params, merge_choices
 from server.serving.engine import Delta, Outcome, generate_text
+from server.serving.metrics import ServingMetrics
 from server.serving.models import ModelRegistry
 from server.serving.protocol import Completion, CompletionChoice, CompletionRequest, CompletionUsage
 from server.serving.tokens import ENDOFTEXT, IM_END, HostTokenizer
@@ -67,9 +68,12 @@ def context_error(max_context: int, prompt_tokens: int, max_tokens: int | None) 
 class CompletionService:
     """The /v1/completions endpoint, minus HTTP."""
 
-    def __init__(self, backend: Backend, registry: ModelRegistry) -> None:
+    def __init__(
+        self, backend: Backend, registry: ModelRegistry, *, metrics: ServingMetrics | None = None
+    ) -> None:
         self._backend = backend
         self._registry = registry
+        self._metrics = metrics
 
     async def prepare(self, request: CompletionRequest) -> PreparedCompletion:
         cmpl_id = f"cmpl-{uuid.uuid4().hex}"
@@ -134,7 +138,8 @@ class CompletionService:
             yield Delta("", 0)
             yield Outcome("length", len(p.params.prompt_ids), 0, None, None, {})
             return
-        async with contextlib.aclosing(generate_text(self._backend, p.params, p.tokenizer, stop=p.stop)) as events:
+        generation = generate_text(self._backend, p.params, p.tokenizer, stop=p.stop, metrics=self._metrics)
+        async with contextlib.aclosing(generation) as events:
             async for ev in events:
                 yield ev
 

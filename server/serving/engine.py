@@ -27,14 +27,18 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 
 from server.backends.base import Backend, Event, Finished, GenerationParams, Started, Tokens
 from server.errors import BackendError, ProtocolViolation
+from server.logs import note_generation
 from server.serving.stops import StopMatcher
 from server.serving.tokens import HostTokenizer
+
+if TYPE_CHECKING:
+    from server.serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +76,8 @@ def _now_ms() -> float:
 
 
 async def generate_text(
-    backend: Backend, params: GenerationParams, tokenizer: HostTokenizer, *, stop: list[str]
+    backend: Backend, params: GenerationParams, tokenizer: HostTokenizer, *, stop: list[str],
+    metrics: ServingMetrics | None = None,
 ) -> AsyncGenerator[Delta | Outcome, None]:
     """Run ``params`` on ``backend``; yield ``Delta``s then one ``Outcome``.
 
@@ -82,6 +87,9 @@ async def generate_text(
     .timings``, ms): ``queue_ms`` (host: request to ``Started``), ``prefill_ms`` and ``decode_ms``
     (phone), ``phone_first_token_t_ms`` / ``phone_last_token_t_ms`` (phone monotonic clock; None in
     one-shot mode), ``host_start_t_ms`` / ``host_first_token_t_ms`` (host ``time.monotonic()``).
+
+    However it ends, the generation is recorded once: in ``metrics`` (when a phone started it) and
+    on the request's log line (:func:`server.logs.note_generation`).
     """
     detok = tokenizer.detokenizer()
     matcher = StopMatcher(stop)
@@ -93,6 +101,9 @@ async def generate_text(
     oneshot_text: list[str] | None = None  # set when the phone sends text instead of ids
     phone: str | None = None
     admitted = False
+    gaps = _TokenGaps()
+    outcome: Outcome | None = None
+    ended = "error"  # the finish reason recorded when no Outcome was reached
     run = _BackendRun(backend, params)
     try:
         while True:
@@ -107,6 +118,7 @@ async def generate_text(
                         timings["host_first_token_t_ms"] = _now_ms()
                         timings["phone_first_token_t_ms"] = ev.t_ms
                     timings["phone_last_token_t_ms"] = ev.t_ms
+                    gaps.tokens(max(1, len(ev.ids)), ev.t_ms if ev.t_ms is not None else _now_ms())
                     if ev.ids:
                         count += len(ev.ids)
                         pieces.append(detok.feed(ev.ids))
@@ -152,15 +164,72 @@ async def generate_text(
             _log_outcome(params.request_id, outcome)
             yield outcome
             return
+    except (GeneratorExit, asyncio.CancelledError):
+        ended = "abort"  # the consumer went away (client disconnect)
+        raise
     finally:
         await run.close()
+        _record(metrics, params, phone, outcome.finish_reason if outcome else ended, count, timings,
+                gaps.samples(timings["decode_ms"]))
+
+
+def _record(
+    metrics: ServingMetrics | None, params: GenerationParams, phone: str | None, reason: str,
+    completion_tokens: int, timings: dict[str, float | None], gaps_s: list[float],
+) -> None:
+    start, first, queue = timings["host_start_t_ms"] or 0.0, timings["host_first_token_t_ms"], timings["queue_ms"]
+    ttft_ms = first - start if first is not None else None
+    note_generation(
+        id=params.request_id, model=params.model, phone=phone, prompt_tokens=len(params.prompt_ids),
+        completion_tokens=completion_tokens, finish_reason=reason, queue_ms=_ms(queue), ttft_ms=_ms(ttft_ms),
+        prefill_ms=_ms(timings["prefill_ms"]), decode_ms=_ms(timings["decode_ms"]),
+    )
+    if metrics is not None and phone is not None:  # only what a phone started (429/503 are not)
+        metrics.record(
+            model=params.model, phone=phone, finished_reason=reason, prompt_tokens=len(params.prompt_ids),
+            generation_tokens=completion_tokens, queue_s=queue / 1000.0 if queue is not None else None,
+            ttft_s=ttft_ms / 1000.0 if ttft_ms is not None else None, e2e_s=(_now_ms() - start) / 1000.0,
+            token_gaps_s=gaps_s,
+        )
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
+class _TokenGaps:
+    """Seconds between consecutive tokens, one sample per token after the first.
+
+    Times are the phone's (``Tokens.t_ms``; the host's in one-shot mode). Tokens that arrive in one
+    event (the consumer fell behind and the session handed them over together) share the gap since
+    the previous event; those that came with the very first token share what the phone's decode time
+    leaves once the other gaps are counted (when it reports one)."""
+
+    def __init__(self) -> None:
+        self._gaps: list[float] = []
+        self._last_t_ms: float | None = None
+        self._first_event_tokens = 0
+
+    def tokens(self, n: int, t_ms: float) -> None:
+        if self._last_t_ms is None:
+            self._first_event_tokens = n
+        else:
+            self._gaps.extend([(t_ms - self._last_t_ms) / n / 1000.0] * n)
+        self._last_t_ms = t_ms
+
+    def samples(self, decode_ms: float | None) -> list[float]:
+        together = self._first_event_tokens
+        if together <= 1 or decode_ms is None:
+            return self._gaps
+        share = max(0.0, decode_ms / 1000.0 - sum(self._gaps)) / together
+        return [share] * (together - 1) + self._gaps
 
 
 def _log_outcome(request_id: str, o: Outcome) -> None:
     t = o.timings
     decode = t.get("decode_ms")
     tps = (o.completion_tokens / decode * 1000.0) if decode else None
-    logger.info(
+    logger.debug(  # the request's access line (server.api.access) carries the same at info
         "request %s: phone %s, %d prompt + %d completion tokens, finish %s%s, queue %s ms, "
         "prefill %s ms, decode %s ms (%s tok/s)",
         request_id, o.phone, o.prompt_tokens, o.completion_tokens, o.finish_reason,

@@ -44,6 +44,7 @@ from server.serving.chat.tools import ArgumentsDelta, CallStarted, Text, ToolPla
 from server.serving.choices import choice_params, merge_choices
 from server.serving.engine import Delta as TextDelta
 from server.serving.engine import Outcome, generate_text
+from server.serving.metrics import ServingMetrics
 from server.serving.models import ModelRegistry
 from server.serving.protocol import CompletionUsage
 from server.serving.tokens import ENDOFTEXT, IM_END, HostTokenizer
@@ -99,9 +100,12 @@ def context_error(max_context: int, prompt_tokens: int, requested: int | None, p
 class ChatService:
     """The /v1/chat/completions endpoint, minus HTTP."""
 
-    def __init__(self, backend: Backend, registry: ModelRegistry) -> None:
+    def __init__(
+        self, backend: Backend, registry: ModelRegistry, *, metrics: ServingMetrics | None = None
+    ) -> None:
         self._backend = backend
         self._registry = registry
+        self._metrics = metrics
         self._templates: dict[str, ChatTemplate] = {}  # tokenizer folder -> its template
 
     def template_for(self, info: ModelInfo) -> ChatTemplate:
@@ -168,7 +172,8 @@ class ChatService:
             return
         generation = cast(  # an async generator, annotated as an iterator by the engine
             AsyncGenerator[TextDelta | Outcome, None],
-            generate_text(self._backend, p.params, p.prompt.tokenizer, stop=p.request.stop_strings),
+            generate_text(self._backend, p.params, p.prompt.tokenizer, stop=p.request.stop_strings,
+                          metrics=self._metrics),
         )
         async with contextlib.aclosing(generation) as events:
             async for ev in events:
