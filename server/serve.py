@@ -68,12 +68,16 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from server.api.app import create_app
+    from server.logs import configure_logging
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     # uvicorn re-raises SIGTERM with the handler it found once it has shut down; make that handler
     # unwind the stack so the simulated phones and their private adb server are stopped too.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     with simulated_phones(settings) as effective:
         app = create_app(effective)
-        uvicorn.run(app, host=effective.host, port=effective.port, log_level=effective.log_level.lower())
+        # log_config=None: uvicorn's lines go through our handler (format, request id); our access
+        # line (server/api/access.py) replaces uvicorn's
+        uvicorn.run(app, host=effective.host, port=effective.port, log_level=effective.log_level.lower(),
+                    log_config=None, access_log=False)
     return 0

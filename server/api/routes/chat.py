@@ -20,7 +20,7 @@ def chat_service(request: Request) -> ChatService:
     state = request.app.state
     service: ChatService | None = getattr(state, "chat", None)
     if service is None:
-        service = state.chat = ChatService(state.backend, state.models)
+        service = state.chat = ChatService(state.backend, state.models, metrics=state.serving_metrics)
     return service
 
 
@@ -28,7 +28,7 @@ def chat_service(request: Request) -> ChatService:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     service = chat_service(request)
     prepared = await service.prepare(body)
-    logger.info(
+    logger.debug(  # the access line (server/api/access.py) is the request's info-level line
         "request %s is %s (model %s, %d messages, %d prompt tokens, max %d new, tools %d, thinking %s, "
         "stream %s)", request.state.request_id, prepared.id, prepared.model, len(body.messages),
         len(prepared.params.prompt_ids), prepared.params.max_new, len(body.tools or []),

@@ -20,9 +20,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     service: CompletionService = request.app.state.completions
     prepared = await service.prepare(body)
     request_id = request.state.request_id
-    logger.info("request %s is %s (model %s, %d prompt tokens, max %d new, stream %s)", request_id,
-                prepared.id, prepared.model, len(prepared.params.prompt_ids), prepared.params.max_new,
-                bool(body.stream))
+    logger.debug("request %s is %s (model %s, %d prompt tokens, max %d new, stream %s)", request_id,
+                 prepared.id, prepared.model, len(prepared.params.prompt_ids), prepared.params.max_new,
+                 bool(body.stream))
     if body.stream:
         return await stream_response(
             service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=prepared.id
