@@ -17,7 +17,7 @@ from server.settings import Settings
 logger = logging.getLogger("server.cli")
 
 # flags whose name differs from the field (repeatable lists read better in the singular)
-_FLAG_NAMES = {"adb_servers": "--adb-server", "api_keys": "--api-key"}
+_FLAG_NAMES = {"adb_servers": "--adb-server", "api_keys": "--api-key", "cors_origins": "--cors-origin"}
 
 
 def _flag(name: str) -> str:

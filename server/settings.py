@@ -24,6 +24,16 @@ class Settings(BaseSettings):
         "text", description="Log line format: text, or json (one object per line: ts, level, logger, msg, "
         "request_id and the request's fields)."
     )
+    api_keys: list[str] = Field(
+        default_factory=list, repr=False,
+        description="API keys accepted as `Authorization: Bearer <key>` (repeatable). Empty: no "
+        "authentication. /health and /ready are always open; /metrics unless metrics_require_key.",
+    )
+    metrics_require_key: bool = Field(False, description="Require an API key on /metrics as well.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins browsers may call the API from (repeatable; '*' for any). Empty: no CORS headers.",
+    )
 
     # --- phones ---
     adb_servers: list[str] = Field(

@@ -11,7 +11,8 @@ State lives on ``app.state`` and is built in the lifespan (no module globals):
     serving_metrics   ServingMetrics (the ``qhx:`` request metrics, in that registry)
 
 Middleware, outermost first: request id + log context + access line (server/api/access.py), HTTP
-metrics, the catch-all 500.
+metrics, CORS (only with ``Settings.cors_origins``), API keys (only with ``Settings.api_keys``), the
+catch-all 500. So a 401 or a preflight still gets its request id, its access line and its count.
 
 With ``backend=None`` (production) the lifespan builds the pool with
 ``server.scheduling.pool.build_backend(settings)`` (a started Backend) and closes it at shutdown; a
@@ -26,9 +27,11 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from server.api.access import RequestIdMiddleware
+from server.api.access import REQUEST_ID_HEADER, RequestIdMiddleware
+from server.api.auth import ApiKeyMiddleware, open_paths, warn_if_exposed
 from server.api.errors import install_error_handlers
 from server.api.metrics import HttpMetrics, HttpMetricsMiddleware, new_registry
 from server.api.routes import chat, completions, health, metrics, models, tokenize
@@ -58,6 +61,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         app.state.completions = CompletionService(the_backend, registry, metrics=serving_metrics)
         gauges = BackendCollector(the_backend)
         metrics_registry.register(gauges)
+        warn_if_exposed(settings)
         warm = asyncio.get_running_loop().create_task(registry.keep_warm(), name="warm-tokenizers")
         try:
             yield
@@ -74,6 +78,11 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     serving_metrics = app.state.serving_metrics = ServingMetrics(metrics_registry)
     # add_middleware puts each one outside those added before it
     install_error_handlers(app)
+    if settings.api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, open_paths=open_paths(settings))
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER, "Retry-After"])
     routers = [completions.router, chat.router, tokenize.router, models.router, health.router, metrics.router]
     for router in routers:
         app.include_router(router)

@@ -3,7 +3,8 @@
     {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
 
 * :class:`server.errors.QhxError` subclasses map by class (their ``status_code``, ``error_type``,
-  ``code``, ``param``); :class:`~server.errors.Overloaded` adds ``Retry-After``.
+  ``code``, ``param``); :class:`~server.errors.Overloaded` adds ``Retry-After``,
+  :class:`~server.errors.AuthenticationFailed` ``WWW-Authenticate: Bearer``.
 * Request validation errors (wrong types, out-of-range values, malformed JSON) are 400 naming the
   parameter, as OpenAI answers them; never FastAPI's 422.
 * Unknown routes and methods keep their status (404, 405) in the envelope.
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import Overloaded, QhxError
+from server.errors import AuthenticationFailed, Overloaded, QhxError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
             headers["Retry-After"] = str(max(1, round(exc.retry_after)))
             # the openai clients prefer this one: the pool's estimate unrounded
             headers["retry-after-ms"] = str(max(1, round(exc.retry_after * 1000)))
+        elif isinstance(exc, AuthenticationFailed):
+            headers["WWW-Authenticate"] = "Bearer"
         return exc.status_code, _envelope(exc.message, exc.error_type, exc.param, exc.code), headers
     if isinstance(exc, RequestValidationError):
         return 400, _validation_envelope(exc), {}
