@@ -18,6 +18,7 @@ Details the contract leaves open, as implemented here:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -134,18 +135,17 @@ class Session:
                 continue
             self._out.send({"ev": "start", "id": req.id, "prompt_tokens": len(req.prompt_ids),
                             "state_tokens": self._engine.state_tokens(req)})
-            rid = req.id
-
-            def send_tok(token: int, t_ms: float) -> None:
-                self._out.send({"ev": "tok", "id": rid, "ids": [token], "t_ms": t_ms})
-
-            result = self._engine.run(req, send_tok, garbage=lambda: self._out.raw(GARBAGE_LINE))
+            result = self._engine.run(req, functools.partial(self._send_tok, req.id),
+                                      garbage=lambda: self._out.raw(GARBAGE_LINE))
             # Idle *before* `done` is written: a host that sends the next generate as soon as it
             # reads `done` must never be told `busy`.
             self._idle()
             self._out.send({"ev": "done", "id": req.id, "reason": result.reason,
                             "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                             "prefill_ms": result.prefill_ms, "decode_ms": result.decode_ms})
+
+    def _send_tok(self, request_id: str, token: int, t_ms: float) -> None:
+        self._out.send({"ev": "tok", "id": request_id, "ids": [token], "t_ms": t_ms})
 
     def _idle(self) -> None:
         with self._lock:
