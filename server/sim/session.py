@@ -144,7 +144,7 @@ class Session:
                             "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                             "prefill_ms": result.prefill_ms, "decode_ms": result.decode_ms})
 
-    def _send_tok(self, request_id: str, token: int, t_ms: float) -> None:
+    def _send_tok(self, request_id: str | None, token: int, t_ms: float) -> None:
         self._out.send({"ev": "tok", "id": request_id, "ids": [token], "t_ms": t_ms})
 
     def _idle(self) -> None:
