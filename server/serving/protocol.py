@@ -11,7 +11,7 @@ OpenAI's own validation is. Our extensions are fenced in ``--- qhx extensions --
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -46,8 +46,35 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool | None = None
 
 
+class _GenerationRequest(_Request):
+    """What completions and chat requests share: stop strings and stream options. The fields are
+    declared by each subclass, in its own spec order."""
+
+    if TYPE_CHECKING:
+        stop: str | list[str] | None
+        stream: bool | None
+        stream_options: StreamOptions | None
+
+    @field_validator("stop", check_fields=False)
+    @classmethod
+    def _at_most_four_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(v)}")
+        return v
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
 # https://platform.openai.com/docs/api-reference/completions/create
-class CompletionRequest(_Request):
+class CompletionRequest(_GenerationRequest):
     model: StrictStr
     # str | [str] | [int] | [[int]]; absent/null means "<|endoftext|>" (spec default)
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = None
@@ -72,23 +99,6 @@ class CompletionRequest(_Request):
     repetition_penalty: StrictFloat | None = Field(None, gt=0.0, le=2.0)  # 1: off
     return_timings: StrictBool | None = False  # add the phone's timeline ("timings") to the final chunk
     # --- end qhx extensions ---
-
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(v)}")
-        return v
-
-    @property
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def check_supported(self) -> None:
         """Reject, naming the field, every non-default value we cannot honour (never silently ignore a

@@ -24,13 +24,12 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
-    field_validator,
     model_serializer,
 )
 
 from server.backends.base import GenerationParams
 from server.errors import InvalidRequest, UnsupportedParameter
-from server.serving.protocol import MAX_STOP_STRINGS, CompletionUsage, StreamOptions, _Request
+from server.serving.protocol import CompletionUsage, StreamOptions, _GenerationRequest, _Request
 
 # --- request -----------------------------------------------------------------------------------
 
@@ -111,7 +110,7 @@ class ResponseFormat(BaseModel):
 
 
 # https://platform.openai.com/docs/api-reference/chat/create
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage]
     model: StrictStr
     audio: dict[str, Any] | None = None
@@ -144,23 +143,6 @@ class ChatCompletionRequest(_Request):
     enable_thinking: StrictBool | None = None  # shorthand (DashScope/SGLang style); chat_template_kwargs wins
     return_timings: StrictBool | None = False  # add the phone's timeline ("timings") to the response
     # --- end qhx extensions ---
-
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(v)}")
-        return v
-
-    @property
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     @property
     def max_new_requested(self) -> tuple[int | None, str]:

@@ -399,7 +399,10 @@ class ToolCallParser:
             self._close_call()
             self._leave_call()
             return True
-        if any(tag.startswith(head) for tag in (PARAM_OPEN, FUNCTION_CLOSE, CALL_CLOSE)):
+        may_follow = [PARAM_OPEN, FUNCTION_CLOSE, CALL_CLOSE]
+        if self._open is not None and self._open.count == 0:
+            may_follow.append(CALL_OPEN)  # a repeated header may still be arriving
+        if any(tag.startswith(head) for tag in may_follow):
             if final:  # cut off: drop the half tag
                 self._consume(len(buf))
             return False
