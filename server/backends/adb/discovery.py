@@ -2,27 +2,23 @@
 
 ``discover()`` asks the phone for its properties and bundles, derives the model identity of the bundle
 to serve, checks that the bundle's Hexagon arch matches the phone's SoC, and makes sure the bundle's
-tokenizer.json is in the host cache (keyed by its sha256; pulled only when not cached). The pure parts
+tokenizer.json, and its chat template files if it ships any, are in the host cache
+(``tokenizer_cache.py``; pulled only when not cached). The pure parts
 (listing parsing, identity, bundle choice, arch check) are separate functions, tested without a phone.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from server.backends.adb.quoting import sh_quote
-from server.backends.adb.transport import AdbServerClient, pull_file, run_shell
+from server.backends.adb.tokenizer_cache import TOKENIZER, ensure_tokenizer
+from server.backends.adb.transport import AdbServerClient, run_shell
 from server.backends.base import ModelInfo
-from server.errors import PhoneLost
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -40,7 +36,6 @@ SOC_ARCH: dict[str, str] = {
     "SM8350": "v68",
 }
 DEFAULT_BUNDLE = "qwen35"
-TOKENIZER = "tokenizer.json"
 _MANIFEST = re.compile(r"^(?P<family>.+)-(?P<context>\d+)\.json$")
 
 
@@ -231,7 +226,7 @@ async def _inspect_bundle(
         raise Incompatible(f"{bundle.name}: {why}")
     sha, path = "", ""
     if fetch_tokenizer:
-        sha, cached = await ensure_tokenizer(client, serial, f"{bundle_dir}/{TOKENIZER}", settings)
+        sha, cached = await ensure_tokenizer(client, serial, bundle_dir, settings)
         path = str(cached)
     name, context = model_identity(bundle, settings)
     facts.model = ModelInfo(
@@ -243,48 +238,3 @@ async def _inspect_bundle(
         phones=[serial],
         simulated=facts.simulated,
     )
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-async def ensure_tokenizer(
-    client: AdbServerClient, serial: str, remote: str, settings: Settings
-) -> tuple[str, Path]:
-    """(sha256, host path) of the phone's tokenizer.json; pulled only when the cache lacks it."""
-    cache = Path(settings.tokenizer_cache).expanduser()
-    res = await run_shell(client, serial, f"sha256sum {sh_quote(remote)}", timeout=settings.adb_timeout_s)
-    words = res.text().split()
-    phone_sha = words[0].lower() if res.ok and words and re.fullmatch(r"[0-9a-fA-F]{64}", words[0]) else None
-    if phone_sha is not None:
-        cached = cache / phone_sha / TOKENIZER
-        if cached.is_file():
-            return phone_sha, cached
-    else:
-        logger.info("%s: no sha256sum on the phone; pulling %s to hash it", serial, remote)
-
-    await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=".pull-", suffix=".json")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        # the pull is bounded per recv by the client's timeout, and overall by this one
-        async with asyncio.timeout(max(60.0, settings.adb_timeout_s)):
-            await pull_file(client, serial, remote, tmp_name)
-        sha = await asyncio.to_thread(_sha256_file, tmp)
-        if phone_sha is not None and sha != phone_sha:
-            raise PhoneLost(f"{serial}: {remote} changed or was corrupted while pulling (sha256 mismatch)")
-        final = cache / sha / TOKENIZER
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)  # atomic: concurrent pulls of the same file are harmless
-        logger.info("%s: cached %s as %s", serial, remote, final)
-        return sha, final
-    except TimeoutError as e:
-        raise PhoneLost(f"{serial}: pulling {remote} timed out") from e
-    finally:
-        tmp.unlink(missing_ok=True)
