@@ -47,13 +47,18 @@ class StreamOptions(BaseModel):
 
 
 class _GenerationRequest(_Request):
-    """What completions and chat requests share: stop strings and stream options. The fields are
-    declared by each subclass, in its own spec order."""
+    """What completions and chat requests share: stop strings, stream options and the conversion to
+    phone parameters. The fields are declared by each subclass, in its own spec order."""
 
     if TYPE_CHECKING:
         stop: str | list[str] | None
         stream: bool | None
         stream_options: StreamOptions | None
+        temperature: float | None
+        top_p: float | None
+        top_k: int | None
+        repetition_penalty: float | None
+        seed: int | None
 
     @field_validator("stop", check_fields=False)
     @classmethod
@@ -71,6 +76,24 @@ class _GenerationRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def to_generation_params(
+        self, *, request_id: str, model: str, prompt_ids: list[int], max_new: int, stop_ids: list[int],
+        prompt_text: str | None = None,
+    ) -> GenerationParams:
+        return GenerationParams(
+            request_id=request_id,
+            model=model,
+            prompt_ids=prompt_ids,
+            max_new=max_new,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            repetition_penalty=self.repetition_penalty or 1.0,
+            seed=self.seed,
+            stop_ids=stop_ids,
+            prompt_text=prompt_text,
+        )
 
 
 # https://platform.openai.com/docs/api-reference/completions/create
@@ -123,24 +146,6 @@ class CompletionRequest(_GenerationRequest):
             raise UnsupportedParameter(
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
             )
-
-    def to_generation_params(
-        self, *, request_id: str, model: str, prompt_ids: list[int], max_new: int, stop_ids: list[int],
-        prompt_text: str | None = None,
-    ) -> GenerationParams:
-        return GenerationParams(
-            request_id=request_id,
-            model=model,
-            prompt_ids=prompt_ids,
-            max_new=max_new,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(self.top_k or 0, 0),
-            repetition_penalty=self.repetition_penalty or 1.0,
-            seed=self.seed,
-            stop_ids=stop_ids,
-            prompt_text=prompt_text,
-        )
 
 
 # https://platform.openai.com/docs/api-reference/completions/object

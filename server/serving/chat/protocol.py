@@ -27,7 +27,6 @@ from pydantic import (
     model_serializer,
 )
 
-from server.backends.base import GenerationParams
 from server.errors import InvalidRequest, UnsupportedParameter
 from server.serving.protocol import CompletionUsage, StreamOptions, _GenerationRequest, _Request
 
@@ -206,24 +205,6 @@ class ChatCompletionRequest(_GenerationRequest):
         if isinstance(self.tool_choice, NamedToolChoice):
             return self.tool_choice.model_dump()
         return self.tool_choice
-
-    def to_generation_params(
-        self, *, request_id: str, model: str, prompt_ids: list[int], max_new: int, stop_ids: list[int],
-        prompt_text: str | None = None,
-    ) -> GenerationParams:
-        return GenerationParams(
-            request_id=request_id,
-            model=model,
-            prompt_ids=prompt_ids,
-            max_new=max_new,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(self.top_k or 0, 0),
-            repetition_penalty=self.repetition_penalty or 1.0,
-            seed=self.seed,
-            stop_ids=stop_ids,
-            prompt_text=prompt_text,
-        )
 
 
 def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
