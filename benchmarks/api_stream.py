@@ -23,120 +23,17 @@ CLOCK_MONOTONIC, the clock of ``time.monotonic()`` here: client and phone times 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import re
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-import httpx
 import openai
-
-from server.sim.simconfig import write_sim_config
+from stack import Stack, machine_info, process_cpu_s
 
 PROMPT = "Write a long story about a phone that serves a language model:"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def machine_info() -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("openai", "fastapi", "uvicorn", "sse-starlette"))
-    return (f"{platform.platform()}; {cpu}; {os.cpu_count()} cores; Python {platform.python_version()}; "
-            f"{versions}")
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Stack:
-    """``qhx-server sim`` + ``qhx-server serve`` as subprocesses; phone knobs via its sim.json."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.sim: subprocess.Popen[str] | None = None
-        self.srv: subprocess.Popen[str] | None = None
-        self.sandbox: Path | None = None
-        self.base_url = ""
-        self.model = ""
-
-    def __enter__(self) -> Self:
-        py = sys.executable
-        self.sim = subprocess.Popen(
-            [py, "-m", "server.cli", "sim", "--phones", "1", "--speed", "1", "--workdir", str(self.workdir),
-             "--log-level", "warning"],
-            stdout=subprocess.PIPE, text=True,
-        )
-        adb_server = None
-        assert self.sim.stdout is not None
-        for line in self.sim.stdout:
-            if m := re.search(r"sandbox (\S+)", line):
-                self.sandbox = Path(m.group(1))
-            if m := re.search(r"private adb server on (\S+):", line):
-                adb_server = m.group(1)
-            if "Ctrl-C" in line:
-                break
-        if adb_server is None or self.sandbox is None:
-            raise RuntimeError("qhx-server sim did not start")
-        self.knobs(stop_rate=0.0)  # no natural end: every request runs to max_tokens
-        port = free_port()
-        self.srv = subprocess.Popen(
-            [py, "-m", "server.cli", "serve", "--sim", "0", "--adb-server", adb_server, "--port", str(port),
-             "--log-level", "warning"],
-        )
-        self.base_url = f"http://127.0.0.1:{port}"
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.base_url + "/ready", timeout=2).status_code == 200:
-                    self.model = httpx.get(self.base_url + "/v1/models").json()["data"][0]["id"]
-                    httpx.post(self.base_url + "/v1/completions", timeout=120,
-                               json={"model": self.model, "prompt": "hi", "max_tokens": 1}).raise_for_status()
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server not ready")
-
-    def knobs(self, **knobs: Any) -> None:
-        assert self.sandbox is not None
-        write_sim_config(self.sandbox, knobs)
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in (self.srv, self.sim):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
 
 
 @dataclass

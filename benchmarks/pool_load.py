@@ -23,22 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-import httpx
 import openai
-from api_stream import free_port, machine_info, process_cpu_s
+from stack import Stack, machine_info, process_cpu_s
 
-from server.sim.simconfig import DECODE_TPS, write_sim_config
+from server.sim.simconfig import DECODE_TPS
 
 PROMPT = "Once upon a time"
 IDLE_S = 5.0
@@ -53,73 +48,6 @@ def rss_kib(pid: int) -> tuple[int, int]:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
-
-
-class Stack:
-    """``qhx-server sim`` (N phones) + ``qhx-server serve`` as subprocesses."""
-
-    def __init__(self, workdir: Path, phones: int) -> None:
-        self.workdir, self.n = workdir, phones
-        self.sim: subprocess.Popen[str] | None = None
-        self.srv: subprocess.Popen[str] | None = None
-        self.sandboxes: list[Path] = []
-        self.base_url = ""
-        self.model = ""
-
-    def __enter__(self) -> Self:
-        py = sys.executable
-        self.sim = subprocess.Popen(
-            [py, "-m", "server.cli", "sim", "--phones", str(self.n), "--speed", "1", "--workdir",
-             str(self.workdir), "--log-level", "warning"], stdout=subprocess.PIPE, text=True,
-        )
-        adb_server = None
-        assert self.sim.stdout is not None
-        for line in self.sim.stdout:
-            if m := re.search(r"sandbox (\S+)", line):
-                self.sandboxes.append(Path(m.group(1)))
-            if m := re.search(r"private adb server on (\S+):", line):
-                adb_server = m.group(1)
-            if "Ctrl-C" in line:
-                break
-        if adb_server is None or len(self.sandboxes) != self.n:
-            raise RuntimeError("qhx-server sim did not start")
-        for sandbox in self.sandboxes:  # no natural end: every request runs to max_tokens
-            write_sim_config(sandbox, {"stop_rate": 0.0})
-        port = free_port()
-        self.srv = subprocess.Popen(
-            [py, "-m", "server.cli", "serve", "--sim", "0", "--adb-server", adb_server, "--port", str(port),
-             "--log-level", "warning"],
-        )
-        self.base_url = f"http://127.0.0.1:{port}"
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                phones = self.devices()
-                if len(phones) == self.n and all(p["state"] == "ready" for p in phones):
-                    self.model = httpx.get(self.base_url + "/v1/models").json()["data"][0]["id"]
-                    httpx.post(self.base_url + "/v1/completions", timeout=120,
-                               json={"model": self.model, "prompt": "hi", "max_tokens": 1}).raise_for_status()
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server not ready")
-
-    def devices(self) -> list[dict[str, Any]]:
-        return list(httpx.get(self.base_url + "/v1/devices", timeout=5).json()["data"])
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in (self.srv, self.sim):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
 
 
 @dataclass
