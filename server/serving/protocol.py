@@ -54,6 +54,9 @@ class _GenerationRequest(_Request):
         stop: str | list[str] | None
         stream: bool | None
         stream_options: StreamOptions | None
+        presence_penalty: float | None
+        frequency_penalty: float | None
+        logit_bias: dict[str, float] | None
         temperature: float | None
         top_p: float | None
         top_k: int | None
@@ -76,6 +79,25 @@ class _GenerationRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _reject_penalties(self) -> None:
+        """OpenAI's penalties and logit_bias change the output and the phones cannot apply them."""
+        if self.presence_penalty:
+            raise UnsupportedParameter(
+                "presence_penalty is not supported; repetition_penalty is.", param="presence_penalty"
+            )
+        if self.frequency_penalty:
+            raise UnsupportedParameter(
+                "frequency_penalty is not supported; repetition_penalty is.", param="frequency_penalty"
+            )
+        if self.logit_bias:
+            raise UnsupportedParameter("logit_bias is not supported.", param="logit_bias")
+
+    def _check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedParameter(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+            )
 
     def to_generation_params(
         self, *, request_id: str, model: str, prompt_ids: list[int], max_new: int, stop_ids: list[int],
@@ -132,20 +154,8 @@ class CompletionRequest(_GenerationRequest):
             raise UnsupportedParameter("logprobs are not supported.", param="logprobs")
         if self.suffix:
             raise UnsupportedParameter("suffix (insertion) is not supported.", param="suffix")
-        if self.presence_penalty:
-            raise UnsupportedParameter(
-                "presence_penalty is not supported; repetition_penalty is.", param="presence_penalty"
-            )
-        if self.frequency_penalty:
-            raise UnsupportedParameter(
-                "frequency_penalty is not supported; repetition_penalty is.", param="frequency_penalty"
-            )
-        if self.logit_bias:
-            raise UnsupportedParameter("logit_bias is not supported.", param="logit_bias")
-        if self.stream_options is not None and not self.stream:
-            raise UnsupportedParameter(
-                "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
-            )
+        self._reject_penalties()
+        self._check_stream_options()
 
 
 # https://platform.openai.com/docs/api-reference/completions/object

@@ -164,26 +164,14 @@ class ChatCompletionRequest(_GenerationRequest):
             raise UnsupportedParameter("logprobs are not supported.", param="logprobs")
         if self.top_logprobs:
             raise UnsupportedParameter("top_logprobs are not supported.", param="top_logprobs")
-        if self.presence_penalty:
-            raise UnsupportedParameter(
-                "presence_penalty is not supported; repetition_penalty is.", param="presence_penalty"
-            )
-        if self.frequency_penalty:
-            raise UnsupportedParameter(
-                "frequency_penalty is not supported; repetition_penalty is.", param="frequency_penalty"
-            )
-        if self.logit_bias:
-            raise UnsupportedParameter("logit_bias is not supported.", param="logit_bias")
+        self._reject_penalties()
         if self.response_format is not None and self.response_format.type != "text":
             raise UnsupportedParameter(
                 f"response_format {self.response_format.type!r} is not supported (the phones cannot "
                 "constrain decoding); only {'type': 'text'} is.",
                 param="response_format",
             )
-        if self.stream_options is not None and not self.stream:
-            raise UnsupportedParameter(
-                "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
-            )
+        self._check_stream_options()
         if self.functions is not None or self.function_call is not None:
             param = "functions" if self.functions is not None else "function_call"
             raise UnsupportedParameter(f"{param} is deprecated and not supported; use tools.", param=param)
