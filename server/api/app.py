@@ -36,6 +36,7 @@ from server.api.errors import install_error_handlers
 from server.api.metrics import HttpMetrics, HttpMetricsMiddleware, new_registry
 from server.api.routes import chat, completions, health, metrics, models, tokenize
 from server.backends.base import Backend
+from server.serving.chat.service import ChatService
 from server.serving.completions import CompletionService
 from server.serving.metrics import BackendCollector, ServingMetrics
 from server.serving.models import ModelRegistry
@@ -59,6 +60,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         app.state.backend = the_backend
         app.state.models = registry
         app.state.completions = CompletionService(the_backend, registry, metrics=serving_metrics)
+        app.state.chat = ChatService(the_backend, registry, metrics=serving_metrics)
         gauges = BackendCollector(the_backend)
         metrics_registry.register(gauges)
         warn_if_exposed(settings)

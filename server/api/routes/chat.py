@@ -16,11 +16,8 @@ router = APIRouter()
 
 
 def chat_service(request: Request) -> ChatService:
-    """The app's ChatService (built on first use from the lifespan's backend and model registry)."""
-    state = request.app.state
-    service: ChatService | None = getattr(state, "chat", None)
-    if service is None:
-        service = state.chat = ChatService(state.backend, state.models, metrics=state.serving_metrics)
+    """The app's ChatService, built in the lifespan."""
+    service: ChatService = request.app.state.chat
     return service
 
 
