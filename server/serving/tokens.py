@@ -23,6 +23,8 @@ from pathlib import Path
 import anyio
 from tokenizers import Tokenizer, decoders
 
+from server.bytelevel import byte_decoder
+
 logger = logging.getLogger(__name__)
 
 # Texts longer than this (characters) are tokenized in a worker thread, off the event loop.
@@ -37,22 +39,6 @@ IM_END = "<|im_end|>"
 _FALLBACK_IDS = {ENDOFTEXT: 248044, IM_END: 248046}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte <-> printable-character table used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 class HostTokenizer:
@@ -79,6 +65,7 @@ class HostTokenizer:
     def _byte_table(self) -> list[bytes] | None:
         added = {i: tok.content for i, tok in self._tk.get_added_tokens_decoder().items()}
         table: list[bytes] = []
+        to_byte = byte_decoder()
         for i in range(self.vocab_size):
             if i in added:
                 table.append(added[i].encode("utf-8"))
@@ -88,7 +75,7 @@ class HostTokenizer:
                 table.append(b"")
                 continue
             try:
-                table.append(bytes(_UNICODE_TO_BYTE[c] for c in piece))
+                table.append(bytes(to_byte[c] for c in piece))
             except KeyError:
                 logger.warning("%s: token %d is not byte-level; using the window detokenizer", self.name, i)
                 return None

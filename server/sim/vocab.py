@@ -34,11 +34,12 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
 from tokenizers import Tokenizer
+
+from server.bytelevel import byte_decoder, byte_encoder
 
 #: Bump when the conversion changes: it is part of the cache key.
 CONVERTER_VERSION = 1
@@ -56,27 +57,6 @@ TOOL_RESPONSE_ID = 248066  # <tool_response>
 TOOL_RESPONSE_END_ID = 248067  # </tool_response>
 THINK_ID = 248068  # <think>
 THINK_END_ID = 248069  # </think>
-
-
-@lru_cache(maxsize=1)
-def byte_encoder() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode table used by ByteLevel BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-@lru_cache(maxsize=1)
-def byte_decoder() -> dict[str, int]:
-    """Inverse of :func:`byte_encoder`: maps a ByteLevel token's characters back to raw bytes."""
-    return {c: b for b, c in byte_encoder().items()}
 
 
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
