@@ -23,13 +23,12 @@ from server.sim.harness import SimPhone
 BASE_KNOBS: dict[str, Any] = {"speed": 0, "stop_rate": 0.0, "load_s": 0.0}
 
 
-@dataclass
-class LiveServer:
-    base_url: str  # http://127.0.0.1:PORT
-    model: str
-    phone: SimPhone
-    settings: Settings
-    _client: openai.OpenAI | None = None
+class OpenAIClients:
+    """The official clients for a server at ``base_url`` (the subclass declares ``base_url`` and
+    ``_client``)."""
+
+    base_url: str
+    _client: openai.OpenAI | None
 
     def client(self) -> openai.OpenAI:
         """The session's sync client (one connection pool, closed at the end)."""
@@ -40,6 +39,15 @@ class LiveServer:
     def async_client(self, **kw: Any) -> openai.AsyncOpenAI:
         """A new async client for the calling test's event loop: use ``async with``."""
         return openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, **kw)
+
+
+@dataclass
+class LiveServer(OpenAIClients):
+    base_url: str  # http://127.0.0.1:PORT
+    model: str
+    phone: SimPhone
+    settings: Settings
+    _client: openai.OpenAI | None = None
 
     def devices(self) -> list[dict[str, Any]]:
         return httpx.get(self.base_url + "/v1/devices", timeout=5).json()["data"]

@@ -22,7 +22,7 @@ import openai
 from server.api.app import create_app
 from server.settings import Settings
 from server.sim.harness import SimLab, SimPhone
-from tests.api.live_server import BASE_KNOBS, ServerThread
+from tests.api.live_server import BASE_KNOBS, OpenAIClients, ServerThread
 
 FP16 = "qwen3.5-0.8b"
 W8 = "qwen3.5-0.8b-w8"
@@ -30,7 +30,7 @@ FAULTS_OFF: dict[str, Any] = {**BASE_KNOBS, "slow_first_token_s": 0.0, "crash_af
 
 
 @dataclass
-class PoolStack:
+class PoolStack(OpenAIClients):
     base_url: str
     labs: list[SimLab]
     settings: Settings
@@ -72,14 +72,6 @@ class PoolStack:
                 setattr(self.settings, k, v)
 
     # -- HTTP -----------------------------------------------------------------------------------
-
-    def client(self) -> openai.OpenAI:
-        if self._client is None:
-            self._client = openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0)
-        return self._client
-
-    def async_client(self, **kw: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, **kw)
 
     def devices(self) -> dict[str, dict[str, Any]]:
         """/v1/devices by serial."""
