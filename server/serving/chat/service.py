@@ -272,7 +272,8 @@ def _delta(piece: Piece) -> Delta:
 
 
 def _finish_reason(outcome: Outcome, reply: ReplyParser) -> ChatFinishReason:
-    # a reply cut by max tokens stays "length" even inside a call (its arguments may be partial)
+    # reply.calls are complete calls only (a call cut short is content); a reply cut by max tokens
+    # after a complete call stays "length": the model did not end its turn
     return "tool_calls" if reply.calls and outcome.finish_reason == "stop" else outcome.finish_reason
 
 

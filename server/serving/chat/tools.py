@@ -11,11 +11,16 @@ The model calls a tool by writing (one block per call; several blocks for parall
     </tool_call>
 
 :class:`ToolCallParser` turns the content stream into plain text and OpenAI tool-call pieces:
-a :class:`CallStarted` (index, id, name; the client's first delta) as soon as ``<function=NAME>`` is
-complete, then :class:`ArgumentsDelta` fragments, one per finished parameter, that concatenate to a
-JSON object. Parameter values are typed by the tool's JSON schema (numbers, booleans, objects...),
-else kept as strings. Text that does not follow the format stays content; a call whose body breaks
-off is closed with the parameters it has: never an exception.
+a :class:`CallStarted` (index, id, name; the client's first delta), then :class:`ArgumentsDelta`
+fragments, one per parameter, that concatenate to a JSON object. A call's pieces are held until the
+call is complete (its ``</function>``, or ``</tool_call>`` when that is forgotten): a reply that ends
+inside a call (stop string, max tokens, end of turn) ends a call cut short, which is not a call, and
+its text becomes content; a client never receives a piece of a call it will not get in full.
+Parameter values are typed by the tool's JSON schema (numbers, booleans, objects...), else kept as
+strings; only strict JSON counts (no ``NaN``, ``Infinity``, numbers beyond a double, lone
+surrogates), so ``arguments`` is always strict JSON. Text that does not follow the format stays
+content; a call whose body breaks off (text that is no parameter) is closed with the parameters it
+has: never an exception.
 
 Tool choice (:func:`plan_tools`), as vLLM does where it can, and by pre-filling the reply where a
 call must be forced (the phones cannot constrain decoding):
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import secrets
 import string
@@ -140,6 +146,26 @@ def _json_type(value: Any) -> str:
     return "string"
 
 
+def _reject_constant(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite_float(number: str) -> float:
+    value = float(number)
+    if not math.isfinite(value):
+        raise ValueError(f"{number} does not fit a double")
+    return value
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` that accepts only what strict parsers accept back: no ``NaN``/``Infinity``
+    (Python's extension), no number that overflows a double (``1e999``), no string that cannot be
+    sent as UTF-8 (an escaped lone surrogate). ``ValueError`` otherwise."""
+    value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    json.dumps(value, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError is a ValueError
+    return value
+
+
 def _as_type(raw: str, kind: str) -> tuple[bool, Any]:
     text = raw.strip()
     if kind == "null":
@@ -148,7 +174,7 @@ def _as_type(raw: str, kind: str) -> tuple[bool, Any]:
         lowered = text.lower()
         return (lowered in ("true", "false"), lowered == "true")
     try:
-        value = json.loads(text)
+        value = strict_json(text)
     except ValueError:
         return (False, None)
     if kind == "integer" and isinstance(value, float) and value.is_integer():
@@ -158,13 +184,14 @@ def _as_type(raw: str, kind: str) -> tuple[bool, Any]:
 
 def convert_value(raw: str, schema: dict[str, Any] | None) -> Any:
     """A parameter's text as the JSON value its schema asks for; the text itself when it does not
-    parse as any of the schema's types (or the parameter is unknown: ``schema`` None)."""
+    parse as any of the schema's types (or the parameter is unknown: ``schema`` None). Only strict
+    JSON parses (:func:`strict_json`): ``NaN``, ``Infinity`` or ``1e999`` stay text."""
     if schema is None:
         return raw
     types = _schema_types(schema)
     if not types:  # declared, but typeless ("any"): JSON when it is JSON
         try:
-            return json.loads(raw)
+            return strict_json(raw)
         except ValueError:
             return raw
     for kind in types:
@@ -217,7 +244,8 @@ class _OpenCall:
     id: str
     name: str
     arguments: str = ""
-    count: int = 0  # parameters emitted so far
+    count: int = 0  # parameters parsed so far
+    held: list[ParserEvent] = field(default_factory=list)  # its pieces, sent when the call is complete
 
 
 _HEADER = re.compile(r"\s*<function=\s*([^<>\s]+)\s*>")
@@ -319,7 +347,7 @@ class ToolCallParser:
         if self._part == "header":
             return self._step_header(final)
         if self._part == "body":
-            return self._step_body(final)
+            return self._step_body()
         return self._step_after(final)
 
     def _consume(self, n: int) -> None:
@@ -332,7 +360,7 @@ class ToolCallParser:
             self._consume(match.end())
             name = match.group(1)
             self._open = _OpenCall(index=len(self.calls), id=self._new_id(), name=name)
-            self._events.append(CallStarted(self._open.index, self._open.id, name))
+            self._open.held.append(CallStarted(self._open.index, self._open.id, name))
             self._part = "body"
             return True
         if _header_undecided(self._buf) and not final:
@@ -355,25 +383,20 @@ class ToolCallParser:
             self._content(CALL_OPEN)
             self._buf = text[len(CALL_OPEN):]
 
-    def _step_body(self, final: bool) -> bool:
+    def _step_body(self) -> bool:
         buf = self._buf
         head = buf.lstrip()
         skipped = len(buf) - len(head)
         if head.startswith(PARAM_OPEN):
             match = _PARAM_HEAD.match(head)
             if match is None:
-                if "\n" not in head and ">" not in head:  # name still arriving
-                    if final:  # cut off: drop the half tag
-                        self._consume(len(buf))
+                if "\n" not in head and ">" not in head:  # name still arriving (at the end: cut short)
                     return False
                 return self._break_off()
             value_start = match.end()
             ends = [i for i in (head.find(PARAM_CLOSE, value_start), head.find(FUNCTION_CLOSE, value_start))
                     if i >= 0]
-            if not ends:
-                if final:
-                    self._add_parameter(match.group(1), head[value_start:])
-                    self._consume(len(buf))
+            if not ends:  # value still arriving (at the end: cut short)
                 return False
             end = min(ends)
             self._add_parameter(match.group(1), head[value_start:end])
@@ -386,7 +409,7 @@ class ToolCallParser:
             if match and match.group(1) == self._open.name:
                 self._consume(skipped + match.end())
                 return True
-            if not final and match is None and _header_undecided(head[len(CALL_OPEN):]):
+            if match is None and _header_undecided(head[len(CALL_OPEN):]):
                 return False
             return self._break_off()
         if head.startswith(FUNCTION_CLOSE):
@@ -402,9 +425,7 @@ class ToolCallParser:
         may_follow = [PARAM_OPEN, FUNCTION_CLOSE, CALL_CLOSE]
         if self._open is not None and self._open.count == 0:
             may_follow.append(CALL_OPEN)  # a repeated header may still be arriving
-        if any(tag.startswith(head) for tag in may_follow):
-            if final:  # cut off: drop the half tag
-                self._consume(len(buf))
+        if any(tag.startswith(head) for tag in may_follow):  # a tag still arriving (at the end: cut short)
             return False
         return self._break_off()
 
@@ -414,8 +435,10 @@ class ToolCallParser:
             self._consume(len(self._buf) - len(head) + len(CALL_CLOSE))
             self._leave_call()
             return True
-        if not final and CALL_CLOSE.startswith(head):
-            return False
+        if CALL_CLOSE.startswith(head):  # </tool_call> may be arriving; at the end, its half is markup
+            if not final:
+                return False
+            self._consume(len(self._buf))
         self._leave_call()  # </tool_call> forgotten: the call is complete anyway
         return True
 
@@ -432,10 +455,21 @@ class ToolCallParser:
             while self._step(final=True):
                 pass
         elif self._part == "body":
-            self._close_call()
-            self._leave_call()
+            self._cut_call()
         else:
             self._leave_call()
+
+    def _cut_call(self) -> None:
+        """The reply ended inside the call's body: a call cut short is no call (its arguments may
+        lack a required parameter, or hold half a value). What the model wrote of it is content,
+        the pre-fill excepted; none of its pieces were sent."""
+        logger.debug("reply ended inside tool call %s: returned as content", self._open and self._open.id)
+        text = (self._raw + self._buf)[self._hidden:]
+        self._open = None
+        self._buf = ""
+        self._in_call, self._part, self._raw, self._hidden = False, "header", "", 0
+        self._pending_ws = self._ws_before_call
+        self._content(text)
 
     def _leave_call(self) -> None:
         self._in_call = False
@@ -454,19 +488,22 @@ class ToolCallParser:
         prop = properties.get(name) if isinstance(properties, dict) else None
         typed = convert_value(value, prop if isinstance(prop, dict) else None)
         sep = "{" if self._open.count == 0 else ", "
-        fragment = sep + json.dumps(name, ensure_ascii=False) + ": " + json.dumps(typed, ensure_ascii=False)
+        fragment = (sep + json.dumps(name, ensure_ascii=False) + ": "
+                    + json.dumps(typed, ensure_ascii=False, allow_nan=False))  # typed values are strict JSON
         self._open.count += 1
         self._emit_arguments(fragment)
 
     def _emit_arguments(self, fragment: str) -> None:
         assert self._open is not None
         self._open.arguments += fragment
-        self._events.append(ArgumentsDelta(self._open.index, fragment))
+        self._open.held.append(ArgumentsDelta(self._open.index, fragment))
 
     def _close_call(self) -> None:
+        """The call is complete: its pieces go out."""
         call = self._open
         if call is None:
             return
         self._emit_arguments("}" if call.count else "{}")
         self.calls.append(ToolCall(id=call.id, name=call.name, arguments=call.arguments))
+        self._events += call.held
         self._open = None

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from server.errors import InvalidRequest, UnsupportedParameter
@@ -113,10 +114,14 @@ CASES: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
     ("<tool_call>\n<function=ping>\n</tool_call>", "", [("ping", {})]),
     ("<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</function>", "",
      [("get_weather", {"city": "Oslo"})]),
-    # cut off (max tokens) inside a value: the call keeps what was generated
-    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nBerl", "", [("get_weather", {"city": "Berl"})]),
-    ("<tool_call>\n<function=get_weather>\n<parameter=ci", "", [("get_weather", {})]),
+    # cut short (stop string, max tokens, end of turn) inside a call: no call, the text is content
+    *[(cut, cut, []) for cut in ["<tool_call>\n<function=get_weather>\n<parameter=city>\nBerl",
+                                 "<tool_call>\n<function=get_weather>\n<parameter=ci"]],
+    ("A " + call("ping") + "\n<tool_call>\n<function=ping>\n<parameter=x>\n1\n</parameter>\n</func",
+     "A\n<tool_call>\n<function=ping>\n<parameter=x>\n1\n</parameter>\n</func", [("ping", {})]),
     ("<tool_call>\n<function=get_wea", "<tool_call>\n<function=get_wea", []),
+    # complete once </function> is there, even when </tool_call> is not
+    ("<tool_call>\n<function=ping>\n</function>\n</tool", "", [("ping", {})]),
     # whitespace around calls is dropped, other text kept
     ("  A  \n" + call("ping") + "\n\n B ", "  A\n\n B", [("ping", {})]),
     (call("ping") + "\n\n B", "B", [("ping", {})]),
@@ -154,10 +159,41 @@ def test_streamed_events_are_openai_shaped() -> None:
     ]
 
 
-def test_call_starts_as_soon_as_the_name_is_known() -> None:
+def test_a_call_is_sent_only_once_it_is_complete() -> None:
     parser = ToolCallParser(SCHEMAS, new_id=lambda: "call_x")
     assert parser.feed("<tool_call>\n<function=pi") == []
-    assert parser.feed("ng>\n") == [CallStarted(0, "call_x", "ping")]
+    assert parser.feed("ng>\n<parameter=a>\n1\n</parameter>\n") == []
+    assert parser.feed("</function>") == [CallStarted(0, "call_x", "ping"), ArgumentsDelta(0, '{"a": "1"'),
+                                          ArgumentsDelta(0, "}")]
+    assert parser.feed("\n</tool_call>") == [] and parser.finish() == []
+
+
+CUT_CALLS = [("get_weather", {"city": "Paris", "days": "3"}, '{"city": "Paris", "days": 3}'),
+             ("ping", {"a": "x"}, '{"a": "x"}')]
+
+
+@pytest.mark.parametrize("prefill", ["", "<tool_call>\n<function=", "<tool_call>\n<function=get_weather>\n"])
+@settings(max_examples=60)
+@given(data=st.data())
+def test_a_reply_cut_anywhere_has_only_complete_calls(prefill: str, data: st.DataObject) -> None:
+    """Whatever ends a reply (stop string, max tokens, end of turn), at whatever character: the calls
+    are the complete ones (``</function>`` seen) with all their arguments, no piece of another call was
+    streamed (``run`` checks the streamed pieces against the calls), and the text of a call cut short
+    is content (compared without whitespace, which is dropped around calls)."""
+    blocks = [call(name, **params) for name, params, _ in CUT_CALLS]
+    base = ("" if prefill else "Let me see.\n\n") + blocks[0] + "\n" + blocks[1]
+    reply = base[len(prefill):]
+    cut = len(prefill) + data.draw(st.integers(min_value=0, max_value=len(reply)))
+    content, calls, _ = run(data.draw(chunked(reply[: cut - len(prefill)])), prefill=prefill)
+    spans = [(base.index(b), base.index(b) + len(b)) for b in blocks]
+    complete = [s for s in spans if base.index("</function>", s[0]) + len("</function>") <= cut]
+    assert calls == [(name, arguments) for name, _, arguments in CUT_CALLS[: len(complete)]]
+    remaining = base[:cut]
+    for start, end in reversed(complete):
+        remaining = remaining[:start] + remaining[min(end, cut):]
+    if not complete:
+        remaining = remaining[len(prefill):]  # the pre-fill is the prompt's
+    assert "".join(content.split()) == "".join(remaining.split())
 
 
 @settings(max_examples=300)
@@ -217,11 +253,66 @@ def test_call_ids_look_like_openai_ids() -> None:
         ("12", {}, 12),
         ("twelve", {}, "twelve"),
         ("12", None, "12"),
+        # not strict JSON: the text the model wrote (a strict parser rejects NaN, Infinity, 1e999)
+        ("NaN", {"type": "number"}, "NaN"),
+        ("-Infinity", {"type": ["number", "null"]}, "-Infinity"),
+        ("1e999", {"type": "number"}, "1e999"),
+        ("Infinity", {}, "Infinity"),
+        ('{"a": NaN}', {"type": "object"}, '{"a": NaN}'),
+        ("[1E400]", {"type": "array"}, "[1E400]"),
+        ('"\\ud800"', {}, '"\\ud800"'),
+        ("1e-999", {"type": "number"}, 0.0),  # underflow is a finite number
     ],
 )
 def test_convert_value(raw: str, schema: dict[str, Any] | None, value: Any) -> None:
     assert convert_value(raw, schema) == value
     assert type(convert_value(raw, schema)) is type(value)
+
+
+def strict_loads(text: str) -> Any:
+    """``json.loads`` as strict parsers read JSON: no NaN/Infinity, numbers that fit a double."""
+
+    def reject(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    def finite(number: str) -> float:
+        if not math.isfinite(value := float(number)):
+            raise ValueError(f"{number} does not fit a double")
+        return value
+
+    return json.loads(text, parse_constant=reject, parse_float=finite)
+
+
+# every kind of schema a parameter can have (and an undeclared parameter: None)
+VALUE_SCHEMAS: list[dict[str, Any] | None] = [
+    None, {}, {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+    {"type": "object"}, {"type": "array"}, {"type": ["number", "null"]}, {"type": ["integer", "string"]},
+    {"anyOf": [{"type": "array"}, {"type": "number"}]}, {"oneOf": [{"type": "object"}]}, {"enum": [1.5, 2]},
+]
+# what a model may write as a value: JSON's edge cases, Python's JSON extensions, and anything else
+VALUE_WORDS = ["NaN", "Infinity", "-Infinity", "1e999", "-1E400", "1e-999", "nan", "inf", "1" * 5000, "0",
+               "-0.0", "1.5", "true", "null", "None", '"', "\\", "\\ud800", "\\udfff", "\\u0000", "[", "]",
+               "{", "}", ":", ",", " ", "\n", '"a"', "é", "\U0001f600"]
+value_texts = st.lists(st.sampled_from(VALUE_WORDS) | st.text(max_size=4), max_size=8).map("".join)
+
+
+@settings(max_examples=300)
+@given(schema=st.sampled_from(VALUE_SCHEMAS), value=value_texts, data=st.data())
+def test_arguments_are_strict_json_for_any_value_text(schema: dict[str, Any] | None, value: str,
+                                                      data: st.DataObject) -> None:
+    """Whatever text the model writes as a value, ``arguments`` is strict JSON that can be sent as
+    UTF-8, streamed (the concatenated fragments) and not (the call)."""
+    schemas = {"f": {"type": "object", "properties": {} if schema is None else {"x": schema}}}
+    text = f"<tool_call>\n<function=f>\n<parameter=x>\n{value}\n</parameter>\n</function>\n</tool_call>"
+    assume("</parameter>" not in value and "</function>" not in value)
+    for pieces in ([text], data.draw(chunked(text))):
+        parser = ToolCallParser(schemas)
+        events = [e for piece in pieces for e in parser.feed(piece)] + parser.finish()
+        (whole,) = parser.calls
+        streamed = "".join(e.fragment for e in events if isinstance(e, ArgumentsDelta))
+        assert streamed == whole.arguments
+        whole.arguments.encode("utf-8")
+        assert strict_loads(whole.arguments) == {"x": convert_value(value, schema)}
 
 
 TOOLS = [
