@@ -178,8 +178,6 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.audio is not None or (self.modalities and set(self.modalities) != {"text"}):
             raise UnsupportedParameter("Only text output is supported.",
                                        param="audio" if self.audio is not None else "modalities")
-        if self.chat_template_kwargs and {"messages", "tools"} & set(self.chat_template_kwargs):
-            raise InvalidRequest("chat_template_kwargs cannot set messages or tools.", param="chat_template_kwargs")
 
     def template_messages(self) -> list[dict[str, Any]]:
         """Messages as the template expects them: plain dicts, ``developer`` as ``system``, tool-call

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -46,6 +46,7 @@ from server.serving.engine import Delta as TextDelta
 from server.serving.engine import Outcome, generate_text
 from server.serving.metrics import ServingMetrics
 from server.serving.models import ModelRegistry
+from server.serving.oneshot import check_oneshot
 from server.serving.protocol import CompletionUsage
 from server.serving.tokens import ENDOFTEXT, IM_END, HostTokenizer
 
@@ -74,6 +75,7 @@ class PreparedChat:
     created: int
     prompt: RenderedPrompt
     params: GenerationParams
+    ignored: list[str] = field(default_factory=list)  # parameters one-shot phones will not honour
 
     @property
     def model(self) -> str:
@@ -127,11 +129,9 @@ class ChatService:
         # a forced call is written right after a closed (empty) think block
         thinking = request.thinking and not plan.prefill and add_generation_prompt
         template = self.template_for(info)
-        kwargs = dict(request.chat_template_kwargs or {})
-        kwargs.pop("enable_thinking", None)
-        text = template.render(
+        text = template.render(  # enable_thinking of chat_template_kwargs is in `thinking`
             request.template_messages(), plan.rendered, add_generation_prompt=add_generation_prompt,
-            enable_thinking=thinking, **kwargs,
+            enable_thinking=thinking, template_kwargs=request.chat_template_kwargs,
         )
         if add_generation_prompt:
             text += plan.prefill
@@ -161,7 +161,8 @@ class ChatService:
             request_id=chat_id, model=prompt.info.name, prompt_ids=prompt.ids, max_new=max_new,
             stop_ids=[tok.special_id(IM_END), tok.special_id(ENDOFTEXT)], prompt_text=prompt.text,
         )
-        return PreparedChat(request, chat_id, int(time.time()), prompt, params)
+        ignored = check_oneshot(self._backend, params, request.n or 1)
+        return PreparedChat(request, chat_id, int(time.time()), prompt, params, ignored)
 
     # -- running ------------------------------------------------------------------------------
 

@@ -9,12 +9,18 @@ conversation is malformed (no user turn, system message not first, unknown role.
 Where the template comes from (:func:`load_chat_template`): the bundle's own, if it ships one
 (``chat_template.jinja`` next to ``tokenizer.json``, or ``chat_template`` in
 ``tokenizer_config.json``), else the built-in Qwen3.5-0.8B template (``qwen35_0_8b.jinja``).
+
+A request's ``chat_template_kwargs`` are further template variables, except the
+:data:`RESERVED_TEMPLATE_VARIABLES`: what the server passes itself, what transformers fills from the
+tokenizer, and the environment's globals. Naming one is a 400 (``param: "chat_template_kwargs"``)
+on every endpoint that renders, since every render goes through :meth:`ChatTemplate.render`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -87,18 +93,47 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+# Template variables a client's chat_template_kwargs may not set: the ones render() passes (the
+# request's own fields; enable_thinking is the exception, read from the kwargs by the chat service),
+# the special tokens transformers' apply_chat_template passes from the tokenizer (a bundle template
+# may use them), and the environment's globals (range, namespace, raise_exception...: replacing one
+# breaks the template).
+RESERVED_TEMPLATE_VARIABLES: frozenset[str] = frozenset(
+    {"messages", "tools", "add_generation_prompt"}
+    | {"bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+       "additional_special_tokens"}
+    | set(_environment().globals)
+)
+
+
+def check_template_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Reject (400, naming them) the keys of ``chat_template_kwargs`` the client may not set."""
+    reserved = sorted(RESERVED_TEMPLATE_VARIABLES.intersection(kwargs))
+    if reserved:
+        raise InvalidRequest(
+            f"chat_template_kwargs cannot set {', '.join(map(repr, reserved))}: the server sets "
+            f"{'this template variable' if len(reserved) == 1 else 'these template variables'} itself "
+            "(messages and tools are request fields, add_generation_prompt a field of /tokenize); "
+            "any other key is passed to the template, enable_thinking switches thinking.",
+            param="chat_template_kwargs",
+        )
+
+
 class ChatTemplate:
     """A compiled chat template. ``render`` is pure and thread-safe."""
 
     def __init__(self, text: str, source: str = "inline") -> None:
         self.text = text
         self.source = source
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-        )
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
+        env = _environment()
         try:
             self._template = env.from_string(text)
         except jinja2.TemplateSyntaxError as exc:
@@ -116,13 +151,14 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
-        **extra: Any,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """Render plain-dict messages (OpenAI shapes; tool-call arguments as dicts, as transformers
-        expects). ``extra`` are further template variables (``chat_template_kwargs``); the named
-        arguments win over them."""
+        expects). ``template_kwargs`` (a request's ``chat_template_kwargs``) are further template
+        variables, checked by :func:`check_template_kwargs`; ``enable_thinking`` wins over theirs."""
+        check_template_kwargs(template_kwargs or {})
         variables = {
-            **extra,
+            **(template_kwargs or {}),
             "messages": messages,
             "tools": tools or None,
             "add_generation_prompt": add_generation_prompt,

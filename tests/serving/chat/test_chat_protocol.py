@@ -73,7 +73,6 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
         ({"function_call": "auto"}, "function_call"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"audio": {"voice": "x"}}, "audio"),
-        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
     ],
 )
 def test_check_supported_names_the_field(kw: dict[str, Any], param: str) -> None:

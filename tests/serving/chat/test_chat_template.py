@@ -10,6 +10,7 @@ import pytest
 from server.errors import InvalidRequest
 from server.serving.chat.template import (
     BUILTIN_SOURCE,
+    RESERVED_TEMPLATE_VARIABLES,
     ChatTemplate,
     TemplateError,
     load_chat_template,
@@ -225,3 +226,17 @@ def test_special_tokens_of_the_prompt_encode_as_single_ids(
     assert 248046 in ids  # <|im_end|>
     blank = qwen_tokenizer.encode("\n\n")
     assert ids[-4:] == [248068, *blank, 248069, *blank]  # <think> \n\n </think> \n\n
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_TEMPLATE_VARIABLES))
+def test_template_kwargs_may_not_set_what_the_server_sets(template: ChatTemplate, name: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        template.render([{"role": "user", "content": "Hi"}], template_kwargs={name: "x", "other": 1})
+    assert caught.value.param == "chat_template_kwargs" and repr(name) in caught.value.message
+    assert "'other'" not in caught.value.message
+
+
+def test_template_kwargs_are_template_variables_and_enable_thinking_is_the_callers() -> None:
+    template = ChatTemplate("{{ greeting }} {{ enable_thinking }} {{ namespace is defined }}")
+    assert template.render([], template_kwargs={"greeting": "hi", "enable_thinking": True}) == "hi False True"
+    assert template.render([], enable_thinking=True, template_kwargs={"enable_thinking": False}) == " True True"
