@@ -24,6 +24,7 @@ import anyio
 from tokenizers import Tokenizer, decoders
 
 from server.bytelevel import byte_decoder
+from server.errors import ContextLengthExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +87,33 @@ class HostTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tk.encode(text, add_special_tokens=False).ids)
 
+    def _encode_releasing_gil(self, text: str) -> list[int]:
+        # tokenizers' ``encode`` holds the GIL for its whole run (a worker thread would still stop
+        # the event loop); ``encode_batch`` releases it. Same ids: one text, no batch padding.
+        return list(self._tk.encode_batch([text], add_special_tokens=False)[0].ids)
+
     async def encode_async(self, text: str) -> list[int]:
-        """``encode``, in a worker thread for long texts (1 MB takes ~1.5 s)."""
+        """``encode``, in a worker thread that releases the GIL for long texts (1 MB takes ~1.5 s),
+        so the event loop keeps serving other requests meanwhile."""
         if len(text) <= _THREAD_ENCODE_CHARS:
             return self.encode(text)
-        return await anyio.to_thread.run_sync(self.encode, text)
+        return await anyio.to_thread.run_sync(self._encode_releasing_gil, text)
 
     def min_tokens(self, text: str) -> int:
         """A lower bound of ``len(encode(text))`` computed without tokenizing: a prompt whose bound
         exceeds the context is rejected at once, however large (a 1 MB prompt costs ~1 ms)."""
         return math.ceil(len(text.encode("utf-8")) / (_NFC_SHRINK_BOUND * self.max_token_bytes))
+
+    def check_may_fit(self, text: str, max_context: int, *, param: str = "prompt") -> None:
+        """Refuse at once (:class:`ContextLengthExceeded`, without tokenizing) a text whose ``min_tokens``
+        already exceed ``max_context``: the pre-check before encoding a request's text."""
+        at_least = self.min_tokens(text)
+        if at_least > max_context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {max_context} tokens. However, your prompt "
+                f"({len(text.encode('utf-8'))} bytes) is at least {at_least} tokens. Please reduce your prompt.",
+                param=param,
+            )
 
     def decode(self, ids: Sequence[int]) -> str:
         if self._id_bytes is not None:

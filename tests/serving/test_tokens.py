@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from server.errors import ContextLengthExceeded
 from server.serving.tokens import ENDOFTEXT, IM_END, HostTokenizer
 
 # Text with what breaks naive detokenizers: emoji (4-byte, ZWJ sequences, skin tones, flags), CJK,
@@ -100,6 +103,47 @@ def test_min_tokens_is_a_lower_bound(qwen_tokenizer: HostTokenizer) -> None:
 async def test_encode_async_matches_encode_for_long_texts(qwen_tokenizer: HostTokenizer) -> None:
     text = "The quick brown fox. " * 2000
     assert await qwen_tokenizer.encode_async(text) == qwen_tokenizer.encode(text)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunk=st.text(min_size=1, max_size=40), special=st.sampled_from(["", "<|im_start|>", IM_END, ENDOFTEXT]))
+async def test_encode_async_is_encode_on_the_threaded_path(
+    qwen_tokenizer: HostTokenizer, chunk: str, special: str
+) -> None:
+    text = (chunk + special) * (17_000 // len(chunk + special) + 1)  # over the 16 K threshold
+    assert await qwen_tokenizer.encode_async(text) == qwen_tokenizer.encode(text)
+
+
+async def test_encode_async_leaves_the_event_loop_free(qwen_tokenizer: HostTokenizer) -> None:
+    """Defect: tokenizers' ``encode`` holds the GIL, so running it in a worker thread still froze the
+    loop for the whole encode (a 6 MB prompt stalled /health ~3 s). Counted, not timed: a loop that is
+    free ticks hundreds of times while ~0.5 MB is tokenized; a frozen one ticks ~once."""
+    text = "1234567890" * 50_000  # ~0.5 s of tokenizing (one token per digit)
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)  # the ticker is running before the encode starts
+    start = ticks
+    ids = await qwen_tokenizer.encode_async(text)
+    done.set()
+    await task
+    assert len(ids) == len(text)
+    assert ticks - start >= 20, f"the event loop ticked {ticks - start} times while tokenizing"
+
+
+def test_check_may_fit_refuses_only_what_cannot_fit(qwen_tokenizer: HostTokenizer) -> None:
+    fits = "x" * (1024 * 4 * qwen_tokenizer.max_token_bytes)  # its bound is exactly 1024 tokens
+    qwen_tokenizer.check_may_fit(fits, 1024)
+    with pytest.raises(ContextLengthExceeded, match="at least 1025 tokens") as err:
+        qwen_tokenizer.check_may_fit(fits + "x", 1024, param="messages")
+    assert err.value.param == "messages"
 
 
 @pytest.fixture(scope="module")
