@@ -1,18 +1,21 @@
 """`qhx-server`: serve | sim | devices | provision.
 
 The `serve` flags are generated from the fields of :class:`server.settings.Settings`, so a flag, its
-`QHX_` environment variable and its documentation can never disagree.
+`QHX_` environment variable and its documentation can never disagree. Bad arguments (a flag, a `QHX_`
+variable, an adb address) are one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
-from server.settings import Settings
+from server.settings import Settings, SettingsInvalid, SettingsProblem, parse_host_port
 
 logger = logging.getLogger("server.cli")
 
@@ -22,6 +25,21 @@ _FLAG_NAMES = {"adb_servers": "--adb-server", "api_keys": "--api-key", "cors_ori
 
 def _flag(name: str) -> str:
     return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the usage of `serve` alone is dozens), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def describe_problem(problem: SettingsProblem, argv: Sequence[str]) -> str:
+    """A problem named as the user wrote it: ``--flag VALUE`` when the flag is in ``argv``, else the
+    environment variable."""
+    flag = _flag(problem.field)
+    given = problem.env is None and any(a == flag or a.startswith(flag + "=") for a in argv)
+    return problem.describe(flag if given else None)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +64,20 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
+def _checked_settings(ns: argparse.Namespace) -> Settings:
+    """Settings from flags and env, with the adb servers resolved once now (ADB_SERVER_SOCKET and
+    ANDROID_ADB_SERVER_PORT are read there) so that a bad address fails before anything starts."""
+    from server.backends.adb.transport import resolve_adb_servers
+
+    settings = settings_from_args(ns)
+    resolve_adb_servers(settings)
+    return settings
+
+
 def _serve(ns: argparse.Namespace) -> int:
     from server.serve import serve
 
-    return serve(settings_from_args(ns))
+    return serve(_checked_settings(ns))
 
 
 def _sim(argv: list[str]) -> int:
@@ -67,16 +95,40 @@ def _provision(argv: list[str]) -> int:
 def _devices(ns: argparse.Namespace) -> int:
     from server.backends.adb.report import print_devices
 
-    return print_devices(settings_from_args(ns), as_json=ns.json)
+    return print_devices(_checked_settings(ns), as_json=ns.json)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except SettingsInvalid as e:  # from Settings(...) or resolve_adb_servers, in any subcommand
+        command = f"qhx-server {argv[0]}" if argv else "qhx-server"
+        problems = "; ".join(describe_problem(p, argv) for p in e.problems)
+        print(f"{command}: error: {problems}", file=sys.stderr)
+        return 2
+
+
+def _check_adb_port_variable() -> None:
+    """adbutils reads ANDROID_ADB_SERVER_PORT when it is imported (and dies on a non-number), before
+    any setting is used: check it first, with the parser every adb address goes through."""
+    port = os.environ.get("ANDROID_ADB_SERVER_PORT", "").strip()
+    if port:
+        try:
+            parse_host_port(f"127.0.0.1:{port}")
+        except ValueError as e:
+            raise SettingsInvalid(
+                [SettingsProblem("adb_servers", port, str(e), env="ANDROID_ADB_SERVER_PORT")]
+            ) from e
+
+
+def _run(argv: list[str]) -> int:
+    _check_adb_port_variable()
     if argv and argv[0] == "sim":  # the simulator owns its own flags
         return _sim(argv[1:])
     if argv and argv[0] == "provision":  # so does provisioning
         return _provision(argv[1:])
-    parser = argparse.ArgumentParser(prog="qhx-server", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="qhx-server", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="Run the OpenAI-compatible HTTP server.")
     add_settings_arguments(serve_p)
@@ -88,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     dev_p.set_defaults(func=_devices)
     sub.add_parser("provision", help="Push a bundle (and runtime) to phones, resumable and verified "
                    "(see `qhx-server provision --help`).")
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand, whose --help lists its flags
+        said_by = {"serve": serve_p, "devices": dev_p}.get(ns.command, parser)
+        said_by.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if not hasattr(ns, "func"):  # `sim` or `provision` not written first
+        parser.error(f"write {ns.command} first: qhx-server {ns.command} ...")
     return int(ns.func(ns))
 
 

@@ -2,23 +2,104 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 DEFAULT_LAUNCH = (
     "cd {root} && LD_LIBRARY_PATH=. ./qhx_generate {manifest} libQnnHtp.so libQnnSystem.so "
     "{artifacts} {max_new} {prompt}"
 )
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_HOSTNAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"tcp:host:port"``, ``"[v6]:port"``, ``"port"``) -> (host, port); the one
+    parser of adb server addresses (settings, ADB_SERVER_SOCKET, ANDROID_ADB_SERVER_PORT).
+
+    Raises ``ValueError`` with a one-line message for anything else, such as a port outside 1-65535.
+    """
+    text = address.strip().removeprefix("tcp:")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            host = ""
+    ok_host = bool(host) and (":" in host or _HOSTNAME.fullmatch(host) is not None)
+    if not ok_host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"adb server {address!r} is not host:port with a port in 1-65535")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class SettingsProblem:
+    """One field that cannot work: ``value`` is the input as given (None: not shown); ``env`` the
+    variable it came from when not the field's own ``QHX_`` one (e.g. ADB_SERVER_SOCKET)."""
+
+    field: str
+    value: object | None
+    message: str
+    env: str | None = None
+
+    def describe(self, flag: str | None = None) -> str:
+        """``--flag VALUE: message`` for a flag given on the command line, else ``ENV=VALUE: message``."""
+        if flag is not None:
+            return f"{flag}{'' if self.value is None else f' {self.value}'}: {self.message}"
+        env = self.env or f"QHX_{self.field.upper()}"
+        return f"{env}{'' if self.value is None else f'={self.value}'}: {self.message}"
+
+
+class SettingsInvalid(ValueError):
+    """Settings that cannot work (from flags, ``QHX_`` variables or code), one problem per field, each
+    a short sentence: the CLI prints them on one line and exits 2, without a traceback."""
+
+    def __init__(self, problems: list[SettingsProblem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(p.describe() for p in problems))
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _problems(exc: ValidationError | SettingsError) -> list[SettingsProblem]:
+    if isinstance(exc, SettingsError):  # pydantic-settings could not decode an env var (lists are JSON)
+        found = re.search(r'field "(\w+)"', str(exc))
+        if found is None:
+            return [SettingsProblem("settings", None, str(exc))]
+        name = found.group(1)
+        return [SettingsProblem(name, None, f"not a JSON list; write e.g. QHX_{name.upper()}='[\"a\", \"b\"]'")]
+    problems = []
+    for err in exc.errors(include_url=False):
+        name = str(err["loc"][0]) if err["loc"] else "settings"
+        bound = next(iter((err.get("ctx") or {}).items()), None)
+        if err["type"] in _BOUNDS and bound is not None:
+            message = f"must be {_BOUNDS[err['type']]} {bound[1]:g}"
+        else:
+            message = str(err["msg"]).removeprefix("Value error, ")
+            message = message[:1].lower() + message[1:]
+        value = err.get("input")  # a validator's message names the value itself
+        shown = value if isinstance(value, (str, int, float)) and err["type"] != "value_error" else None
+        problems.append(SettingsProblem(name, shown, message))
+    return problems
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QHX_", extra="ignore")
+    # numbers are finite: an infinite or NaN timeout, poll or queue length is a typo, never a choice
+    model_config = SettingsConfigDict(env_prefix="QHX_", extra="ignore", allow_inf_nan=False)
 
     # --- HTTP ---
-    host: str = Field("127.0.0.1", description="Address to bind the HTTP server to.")
-    port: int = Field(8000, description="Port to bind the HTTP server to.")
+    host: str = Field("127.0.0.1", min_length=1, description="Address to bind the HTTP server to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to bind the HTTP server to.")
     log_level: str = Field("info", description="Log level (debug, info, warning, error).")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log line format: text, or json (one object per line: ts, level, logger, msg, "
@@ -46,12 +127,12 @@ class Settings(BaseSettings):
         "auto", description="auto: try session protocol v1, fall back to one-shot per phone."
     )
     launch_command: str = Field(
-        DEFAULT_LAUNCH,
+        DEFAULT_LAUNCH, min_length=1,
         description="Phone shell command template; {root} {manifest} {artifacts} {max_new} {prompt} "
         "are filled in (already shell-quoted). Session mode passes '-' as {prompt}.",
     )
     bundle: str | None = Field(
-        None, description="Artifacts root to serve when a phone holds several (e.g. qwen35-w8). "
+        None, min_length=1, description="Artifacts root to serve when a phone holds several (e.g. qwen35-w8). "
         "Default: the fp16 bundle (qwen35) if present, else the first found."
     )
     bundle_for: list[str] = Field(
@@ -59,54 +140,89 @@ class Settings(BaseSettings):
         description="Per-phone bundle as SERIAL=BUNDLE (repeatable), overriding `bundle` for that phone "
         "(e.g. R5CX12=qwen35-w8); write ADB_SERVER/SERIAL=BUNDLE when two adb servers see one serial.",
     )
-    model_name: str | None = Field(None, description="Override the served model name derived from the bundle.")
-    max_context: int | None = Field(None, description="Override the context length derived from the manifest.")
-    session_max_new: int = Field(1024, description="max_new passed on the session command line (upper bound).")
-    ready_timeout_s: float = Field(60.0, description="Seconds to wait for a session's `ready` event.")
-    stall_timeout_s: float = Field(30.0, description="A token gap longer than this ends the request.")
-    cancel_timeout_s: float = Field(5.0, description="Seconds to wait for `done` after sending `cancel`.")
-    restart_backoff_max_s: float = Field(30.0, description="Cap of the session restart backoff (1, 2, 4 ... s).")
+    model_name: str | None = Field(None, min_length=1, description="Override the served model name derived from the bundle.")
+    max_context: int | None = Field(None, ge=1, description="Override the context length derived from the manifest.")
+    session_max_new: int = Field(1024, ge=1, description="max_new passed on the session command line (upper bound).")
+    ready_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for a session's `ready` event.")
+    stall_timeout_s: float = Field(30.0, gt=0, description="A token gap longer than this ends the request.")
+    cancel_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for `done` after sending `cancel`.")
+    restart_backoff_max_s: float = Field(30.0, gt=0, description="Cap of the session restart backoff (1, 2, 4 ... s).")
     quarantine_after: int = Field(
         2, ge=1, description="Consecutive failures (failed requests, failed session starts, sessions that "
         "died) after which a phone is quarantined: out of rotation, retried after a backoff."
     )
     quarantine_s: float = Field(
-        10.0, description="Length of a first quarantine; doubled at each further failure in a row, up to "
+        10.0, gt=0, description="Length of a first quarantine; doubled at each further failure in a row, up to "
         "quarantine_max_s. A successful request ends the series."
     )
-    quarantine_max_s: float = Field(300.0, description="Cap of the quarantine backoff.")
+    quarantine_max_s: float = Field(300.0, gt=0, description="Cap of the quarantine backoff.")
     tokenizer_cache: str = Field(
-        "~/.cache/qhx-server/tokenizers", description="Host cache of phones' tokenizer.json, keyed by sha256."
+        "~/.cache/qhx-server/tokenizers", min_length=1, description="Host cache of phones' tokenizer.json, keyed by sha256."
     )
     adb_timeout_s: float = Field(
-        10.0, description="Socket timeout of short adb calls (device list, getprop, file pulls per read)."
+        10.0, gt=0, description="Socket timeout of short adb calls (device list, getprop, file pulls per read)."
     )
-    device_poll_s: float = Field(1.0, description="Seconds between device-list polls of each adb server.")
+    device_poll_s: float = Field(1.0, gt=0, description="Seconds between device-list polls of each adb server.")
     recheck_incompatible_s: float = Field(
-        30.0, description="Seconds between discoveries of a phone that cannot serve (no bundle, wrong SoC), "
+        30.0, ge=0, description="Seconds between discoveries of a phone that cannot serve (no bundle, wrong SoC), "
         "so that a bundle pushed meanwhile is served without a restart."
     )
     prefill_ms_per_token: float = Field(
-        100.0,
+        100.0, ge=0,
         description="Extra wait for the first token per prompt token, on top of stall_timeout_s: phones "
         "process prompts token by token (~45 ms/token at 22 tok/s), so a long prompt is not a stall.",
     )
 
     # --- simulated phones ---
     sim: int = Field(
-        -1, description="Start N simulated phones on a private adb server and serve from them. "
+        -1, ge=-1, description="Start N simulated phones on a private adb server and serve from them. "
         "-1: auto, one simulated phone only when no adb server with a phone is reachable; 0: never."
     )
-    sim_speed: float = Field(1.0, description="Simulated phone speed factor (0 = as fast as possible).")
+    sim_speed: float = Field(1.0, ge=0, description="Simulated phone speed factor (0 = as fast as possible).")
     sim_precision: Literal["fp16", "w8", "both"] = Field("fp16", description="Bundles staged on simulated phones.")
 
     # --- queueing ---
-    max_queue: int = Field(64, description="Per-model queue bound; beyond it requests get 429.")
+    max_queue: int = Field(64, ge=1, description="Per-model queue bound; beyond it requests get 429.")
     queue_timeout_s: float = Field(
-        300.0, description="Longest a request may wait in its model's queue for a phone; then 503 "
+        300.0, gt=0, description="Longest a request may wait in its model's queue for a phone; then 503 "
         "(code queue_timeout)."
     )
-    sse_ping_s: float = Field(15.0, description="Seconds between `: ping` SSE comments while a stream waits.")
+    sse_ping_s: float = Field(15.0, gt=0, description="Seconds between `: ping` SSE comments while a stream waits.")
+
+    def __init__(self, **values: Any) -> None:
+        """As pydantic-settings, but every bad value (flag, env var or code) is one SettingsInvalid."""
+        try:
+            super().__init__(**values)
+        except (ValidationError, SettingsError) as e:
+            raise SettingsInvalid(_problems(e)) from e
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, v: str) -> str:
+        if v.strip().lower() not in LOG_LEVELS:
+            raise ValueError(f"log level {v!r} is not one of {', '.join(LOG_LEVELS)}")
+        return v.strip().lower()
+
+    @field_validator("device_root")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"device root {v!r} is not an absolute path on the phone")
+        return v
+
+    @field_validator("adb_servers")
+    @classmethod
+    def _host_port(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parse_host_port(entry)
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_key(cls, v: list[str]) -> list[str]:
+        if any(not key.strip() for key in v):
+            raise ValueError("an API key is empty")
+        return v
 
     @field_validator("bundle_for")
     @classmethod

@@ -41,6 +41,7 @@ from server.backends.adb.discovery import (
 )
 from server.backends.adb.quoting import sh_quote
 from server.backends.adb.transport import AdbServerClient, format_server, resolve_adb_servers
+from server.cli import ArgumentParser
 from server.errors import PhoneLost
 from server.ops.devicefs import PushRefused, list_devices, push, shell, stat_sizes
 from server.ops.progress import Progress, TerminalProgress, fmt_bytes
@@ -445,7 +446,7 @@ def summary_line(r: PhoneReport) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qhx-server provision",
         description="Push a model bundle (and the runtime) to phones, resumable and verified; "
         "see docs/provisioning.md.",

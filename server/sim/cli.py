@@ -16,18 +16,22 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
 
+from server.cli import ArgumentParser
 from server.sim.harness import SimLab
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _listen_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port in 1-65535, got {text!r}")
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -37,8 +41,18 @@ def _listen_address(text: str) -> tuple[str, int]:
     return ("127.0.0.1" if host == "localhost" else host), int(port)
 
 
+def _speed(text: str) -> float:
+    try:
+        speed = float(text)
+    except ValueError:
+        speed = -1.0
+    if not math.isfinite(speed) or speed < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return speed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qhx-server sim", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="qhx-server sim", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phones", type=int, default=1, help="number of phones (default 1)")
     parser.add_argument("--listen", type=_listen_address, metavar="HOST:PORT",
@@ -48,11 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("fp16", "w8", "both"), default="fp16",
                         help="bundles staged on each phone (default fp16)")
     parser.add_argument("--soc", default="SM8850", help="ro.soc.model of the phones (default SM8850)")
-    parser.add_argument("--speed", type=float, default=1.0,
+    parser.add_argument("--speed", type=_speed, default=1.0,
                         help="simulated speed factor, 0 = as fast as possible (default 1)")
     parser.add_argument("--workdir", type=Path,
                         help="folder for sandboxes and adb files (default: a temp dir, removed on exit)")
-    parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
+                        help="debug, info, warning, error (default info)")
     return parser
 
 
@@ -61,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.phones < 1:
         build_parser().error("--phones must be at least 1")
+    if args.listen and args.listen[1] + args.phones - 1 > 65535:
+        build_parser().error(f"--listen: {args.phones} phone(s) from port {args.listen[1]} go past 65535")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, base_port = args.listen if args.listen else ("127.0.0.1", None)

@@ -24,7 +24,7 @@ from adbutils._adb import AdbConnection
 from adbutils.errors import AdbConnectionError, AdbError
 
 from server.errors import PhoneLost
-from server.settings import Settings
+from server.settings import Settings, SettingsInvalid, SettingsProblem, parse_host_port
 
 DEFAULT_ADB_PORT = 5037
 
@@ -38,16 +38,8 @@ MAX_STDIN_CHUNK = 16 * 1024
 
 
 def parse_server(address: str) -> tuple[str, int]:
-    """``"host:port"`` (or ``"tcp:host:port"``, ``"port"``) -> (host, port)."""
-    text = address.strip()
-    text = text.removeprefix("tcp:")
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "127.0.0.1", text
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"adb server address {address!r} is not host:port")
-    return host, int(port)
+    """``"host:port"`` (or ``"tcp:host:port"``, ``"port"``) -> (host, port); ``ValueError`` otherwise."""
+    return parse_host_port(address)
 
 
 def format_server(host: str, port: int) -> str:
@@ -66,22 +58,27 @@ def resolve_adb_servers(
     2. ``ANDROID_ADB_SERVER_PORT=<port>`` on 127.0.0.1;
     3. 127.0.0.1:5037.
 
-    Unix-socket servers (``localfilesystem:``) are not supported and raise ``ValueError``.
+    Unix-socket servers (``localfilesystem:``) are not supported. Bad values raise
+    :class:`~server.settings.SettingsInvalid` (a ``ValueError``) naming the variable.
     """
     if settings.adb_servers:
-        servers = [parse_server(s) for s in settings.adb_servers]
+        servers = [parse_server(s) for s in settings.adb_servers]  # Settings validated them
     else:
         env = os.environ if environ is None else environ
         sock = env.get("ADB_SERVER_SOCKET", "").strip()
         port = env.get("ANDROID_ADB_SERVER_PORT", "").strip()
-        if sock:
-            if not sock.startswith("tcp:"):
-                raise ValueError(f"ADB_SERVER_SOCKET={sock!r}: only tcp:host:port is supported")
-            servers = [parse_server(sock)]
-        elif port:
-            servers = [parse_server(f"127.0.0.1:{port}")]
-        else:
-            servers = [("127.0.0.1", DEFAULT_ADB_PORT)]
+        name, value = ("ADB_SERVER_SOCKET", sock) if sock else ("ANDROID_ADB_SERVER_PORT", port)
+        try:
+            if sock:
+                if not sock.startswith("tcp:"):
+                    raise ValueError("only tcp:host:port is supported")
+                servers = [parse_server(sock)]
+            elif port:
+                servers = [parse_server(f"127.0.0.1:{port}")]
+            else:
+                servers = [("127.0.0.1", DEFAULT_ADB_PORT)]
+        except ValueError as e:
+            raise SettingsInvalid([SettingsProblem("adb_servers", value, str(e), env=name)]) from e
     return list(dict.fromkeys(servers))  # unique, in order
 
 

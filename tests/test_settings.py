@@ -1,0 +1,158 @@
+"""Settings are checked when they are made: every bad value is one short, named problem.
+
+Defect (issue 10, #7): ``--max-queue 0`` (or negative) was accepted, and then every request got 429
+"queue full (0 waiting)" with idle phones. The class: any numeric setting without a bound. The tests
+below derive the bad values from each field's own bounds, so a new field is covered as soon as it has
+one, and ``test_every_numeric_setting_is_bounded`` fails for a new field that has none.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from typing import Any
+
+import annotated_types
+import pytest
+
+from server import cli
+from server.settings import Settings, SettingsInvalid, parse_host_port
+
+
+def _numeric_type(annotation: Any) -> type | None:
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    found = [a for a in args if a in (int, float)]
+    return found[0] if found else None
+
+
+NUMERIC = {name: t for name, f in Settings.model_fields.items() if (t := _numeric_type(f.annotation)) is not None}
+
+
+def _bounds(name: str) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for m in Settings.model_fields[name].metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if isinstance(m, getattr(annotated_types, key.capitalize())):
+                found[key] = getattr(m, key)
+    return found
+
+
+def _bad_values(name: str) -> list[str]:
+    bounds, kind = _bounds(name), NUMERIC[name]
+    step = 1 if kind is int else 0.5
+    bad = ["abc"]
+    if "ge" in bounds:
+        bad.append(str(bounds["ge"] - step))
+    if "gt" in bounds:
+        bad += [str(bounds["gt"]), str(bounds["gt"] - step)]
+    if "le" in bounds:
+        bad.append(str(bounds["le"] + step))
+    if kind is float:
+        bad += ["nan", "inf"]
+    return [b.removesuffix(".0") if kind is int else b for b in bad]
+
+
+BAD = [(name, value) for name in NUMERIC for value in _bad_values(name)]
+
+
+def test_every_numeric_setting_is_bounded() -> None:
+    assert {"max_queue", "port", "sim", "stall_timeout_s", "max_context"} <= set(NUMERIC)
+    unbounded = [name for name in NUMERIC if not {"ge", "gt"} & set(_bounds(name))]
+    assert unbounded == [], f"numeric settings without a lower bound: {unbounded}"
+
+
+@pytest.mark.parametrize(("name", "value"), BAD)
+def test_a_bad_number_in_the_environment_is_one_named_problem(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(f"QHX_{name.upper()}", value)
+    with pytest.raises(SettingsInvalid) as e:
+        Settings()
+    assert [p.field for p in e.value.problems] == [name]
+    assert str(e.value).startswith(f"QHX_{name.upper()}={value}: ") and "\n" not in str(e.value)
+
+
+@pytest.fixture
+def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` must never start here: a bad value that got through fails the test at once."""
+
+    def started(settings: Settings) -> int:
+        raise AssertionError(f"serve started with {settings!r}")
+
+    monkeypatch.setattr("server.serve.serve", started)
+
+
+@pytest.mark.parametrize(("name", "value"), BAD)
+def test_a_bad_number_on_the_command_line_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], no_server: None, name: str, value: str
+) -> None:
+    flag = "--" + name.replace("_", "-")
+    assert cli.main(["serve", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qhx-server serve: error: {flag} {value}: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("name", list(NUMERIC))
+def test_each_bound_itself_is_accepted(name: str) -> None:
+    bounds = _bounds(name)
+    for key in ("ge", "le"):
+        if key in bounds:
+            assert getattr(Settings(**{name: bounds[key]}), name) == bounds[key]
+    if "gt" in bounds:
+        value = bounds["gt"] + (1 if NUMERIC[name] is int else 0.001)
+        assert math.isclose(getattr(Settings(**{name: value}), name), value)
+
+
+def test_max_queue_zero_is_refused_at_start_up(capsys: pytest.CaptureFixture[str], no_server: None,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reported case, both ways in."""
+    assert cli.main(["serve", "--max-queue", "0"]) == 2
+    assert capsys.readouterr().err == "qhx-server serve: error: --max-queue 0: must be >= 1\n"
+    monkeypatch.setenv("QHX_MAX_QUEUE", "-3")
+    assert cli.main(["serve"]) == 2
+    assert capsys.readouterr().err == "qhx-server serve: error: QHX_MAX_QUEUE=-3: must be >= 1\n"
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "says"),
+    [
+        ("QHX_LOG_LEVEL", "loud", "log level 'loud'"),
+        ("QHX_DEVICE_ROOT", "data/local/tmp", "not an absolute path"),
+        ("QHX_API_KEYS", '["sk-a", " "]', "an API key is empty"),
+        ("QHX_ADB_SERVERS", '["nonsense"]', "'nonsense' is not host:port"),
+        ("QHX_ADB_SERVERS", '["127.0.0.1:99999"]', "'127.0.0.1:99999' is not host:port"),
+        ("QHX_ADB_SERVERS", "127.0.0.1:5037", "not a JSON list"),
+        ("QHX_HOST", "", "at least 1 character"),
+        ("QHX_MODEL_NAME", "", "at least 1 character"),
+        ("QHX_METRICS_REQUIRE_KEY", "maybe", "valid boolean"),
+        ("QHX_DEVICE_MODE", "fast", "'auto', 'session' or 'oneshot'"),
+    ],
+)
+def test_other_bad_values_are_named_problems_too(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsInvalid) as e:
+        Settings()
+    assert str(e.value).startswith(env) and says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_log_level_is_case_insensitive() -> None:
+    assert Settings(log_level="WARNING").log_level == "warning"
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [("h:1", ("h", 1)), ("tcp:10.0.0.2:65535", ("10.0.0.2", 65535)), ("[::1]:5037", ("::1", 5037)),
+     ("::1:5037", ("::1", 5037)), ("5037", ("127.0.0.1", 5037))],
+)
+def test_host_port_forms(text: str, parsed: tuple[str, int]) -> None:
+    assert parse_host_port(text) == parsed
+
+
+@pytest.mark.parametrize("bad", ["nonsense", "127.0.0.1:99999", "h:0", "h:-1", "h:", ":", "", "a b:1", "::1",
+                                 "h:１２", "[zz::]:1"])
+def test_host_port_refuses_the_rest(bad: str) -> None:
+    with pytest.raises(ValueError, match="is not host:port with a port in 1-65535"):
+        parse_host_port(bad)
