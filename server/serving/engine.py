@@ -34,7 +34,8 @@ import anyio
 from server.backends.base import Backend, Event, Finished, GenerationParams, Started, Tokens
 from server.errors import BackendError, ProtocolViolation
 from server.logs import note_generation
-from server.serving.stops import StopMatcher
+from server.serving.oneshot import ignored_params
+from server.serving.stops import TokenStops
 from server.serving.tokens import HostTokenizer
 
 if TYPE_CHECKING:
@@ -92,25 +93,28 @@ async def generate_text(
     on the request's log line (:func:`server.logs.note_generation`).
     """
     detok = tokenizer.detokenizer()
-    matcher = StopMatcher(stop)
+    scan = TokenStops(stop)
     timings: dict[str, float | None] = {
         "host_start_t_ms": _now_ms(), "queue_ms": None, "prefill_ms": None, "decode_ms": None,
         "host_first_token_t_ms": None, "phone_first_token_t_ms": None, "phone_last_token_t_ms": None,
     }
-    count = 0
-    oneshot_text: list[str] | None = None  # set when the phone sends text instead of ids
+    oneshot = False  # the phone sends text instead of ids (one-shot mode): tokens are counted on it
     phone: str | None = None
     admitted = False
     gaps = _TokenGaps()
     outcome: Outcome | None = None
     ended = "error"  # the finish reason recorded when no Outcome was reached
     run = _BackendRun(backend, params)
+
+    def counted() -> int:
+        return _retokenized(tokenizer, scan, params.max_new) if oneshot else scan.tokens
+
     try:
         while True:
             batch = await run.next_batch()
             if not batch:
                 raise ProtocolViolation(f"request {params.request_id}: the phone ended without `done`")
-            pieces: list[str] = []
+            texts: list[str] = []  # one per token (one per text piece in one-shot mode)
             finished: Finished | None = None
             for ev in batch:
                 if isinstance(ev, Tokens):
@@ -120,13 +124,12 @@ async def generate_text(
                     timings["phone_last_token_t_ms"] = ev.t_ms
                     gaps.tokens(max(1, len(ev.ids)), ev.t_ms if ev.t_ms is not None else _now_ms())
                     if ev.ids:
-                        count += len(ev.ids)
-                        pieces.append(detok.feed(ev.ids))
+                        texts.extend(detok.feed((i,)) for i in ev.ids)
                     elif ev.text is not None:
-                        oneshot_text = oneshot_text if oneshot_text is not None else []
-                        oneshot_text.append(ev.text)
-                        count += 1  # one-shot output is flushed per token; exact count at the end
-                        pieces.append(detok.feed_text(ev.text))
+                        if not oneshot:
+                            oneshot = True
+                            _warn_ignored(params, ev.request_id, phone)
+                        texts.append(detok.feed_text(ev.text))
                 elif isinstance(ev, Started):
                     phone = ev.phone
                     timings["queue_ms"] = _now_ms() - (timings["host_start_t_ms"] or 0.0)
@@ -135,21 +138,20 @@ async def generate_text(
             if not admitted:
                 admitted = True
                 yield Delta("", 0)
-            if finished is not None:
-                pieces.append(detok.flush())
-            safe, matched = matcher.feed("".join(pieces))
+            safe, matched = scan.feed(texts)
             if matched is None and finished is None:
                 if safe:
-                    yield Delta(safe, count)
+                    yield Delta(safe, scan.tokens)
                 continue
             if matched is None:  # finished: settle the held-back text (a stop may sit in it)
-                tail, matched = matcher.flush()
+                tail, matched = scan.flush(detok.flush())
                 safe += tail
             if safe:
-                yield Delta(safe, count)
+                yield Delta(safe, scan.tokens)
             if finished is not None:
                 timings["prefill_ms"], timings["decode_ms"] = finished.prefill_ms, finished.decode_ms
             reason: Literal["stop", "length"]
+            count = counted()
             if matched is not None:
                 await run.close()  # the phone stops now and is free when the client hears "stop"
                 reason = "stop"
@@ -157,9 +159,10 @@ async def generate_text(
                 assert finished is not None
                 if finished.reason == "cancelled":
                     raise BackendError(f"request {params.request_id} was cancelled on phone {phone}")
-                reason = finished.reason
-            if oneshot_text is not None:
-                count = len(tokenizer.encode("".join(oneshot_text)))
+                if oneshot:
+                    reason, count = _oneshot_finish(finished, count, params.max_new)
+                else:
+                    reason = finished.reason
             outcome = Outcome(reason, len(params.prompt_ids), count, matched, phone, timings)
             _log_outcome(params.request_id, outcome)
             yield outcome
@@ -169,8 +172,33 @@ async def generate_text(
         raise
     finally:
         await run.close()
-        _record(metrics, params, phone, outcome.finish_reason if outcome else ended, count, timings,
-                gaps.samples(timings["decode_ms"]))
+        _record(metrics, params, phone, outcome.finish_reason if outcome else ended,
+                outcome.completion_tokens if outcome else counted(), timings, gaps.samples(timings["decode_ms"]))
+
+
+def _retokenized(tokenizer: HostTokenizer, scan: TokenStops, max_new: int) -> int:
+    """One-shot mode's count: the text up to the end of the stop string (all of it without a match),
+    tokenized on the host; never more than the phone was allowed to generate."""
+    text = scan.text if scan.stop_end is None else scan.text[: scan.stop_end]
+    return min(len(tokenizer.encode(text)), max_new)
+
+
+def _oneshot_finish(finished: Finished, retokenized: int, max_new: int) -> tuple[Literal["stop", "length"], int]:
+    """Why a one-shot run ended by itself, and its token count.
+
+    The count is the runtime's own when its stats line gave one (``Finished.completion_tokens``,
+    server/backends/adb/oneshot.py), else the host's ``retokenized`` count. Fewer tokens than
+    ``max_new`` means the runtime stopped by itself (a stop id; ``max_new`` never reaches past the
+    context: the services clamp it), which the session protocol would have called ``stop``."""
+    generated = finished.completion_tokens or retokenized
+    return ("stop" if generated < max_new else "length"), min(generated, max_new)
+
+
+def _warn_ignored(params: GenerationParams, request_id: str, phone: str | None) -> None:
+    ignored = ignored_params(params)
+    if ignored:
+        logger.warning("request %s runs in one-shot mode on phone %s (greedy, no sampling parameters): "
+                       "ignoring %s", request_id, phone, ", ".join(ignored))
 
 
 def _record(

@@ -4,11 +4,17 @@ A stop string can span several tokens ("\\n\\nUser:" may arrive as "\\n", "\\nUs
 that could still turn out to be the start of a stop string is held back until it cannot (pain point 3
 of openai-servers.md: vLLM #3574, TGI #1254). The output is cut exactly at the first match; the stop
 string itself is not emitted (OpenAI semantics).
+
+:class:`TokenStops` does the same over a token stream and counts the completion tokens: every token,
+or, once a stop string matched, the tokens up to and including the one in which it completes (vLLM's
+count; docs/api.md "Usage"). The count depends on the tokens only, never on how they were batched, so
+a stream and a non-streamed request (whose consumers fall behind the phone differently) agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+from collections.abc import Iterable, Sequence
 
 
 class StopMatcher:
@@ -80,3 +86,72 @@ class StopMatcher:
             if any(len(stop) > len(tail) and stop.startswith(tail) for stop in self.stops):
                 return j
         return None
+
+
+class TokenStops:
+    """Stop strings over generated tokens: text that is safe to show, and the tokens that count.
+
+    ``feed(texts)`` takes one batch of tokens, the text each token completed, in order (``""`` for a
+    token that ends inside a UTF-8 character); ``flush(tail)`` ends the generation (``tail``: what the
+    detokenizer still held, part of the last token). Both return ``(safe_text, matched)`` as
+    :class:`StopMatcher` does. ``tokens`` is the completion token count; ``stop_end`` the offset in the
+    generated text right after the matched stop string.
+
+    The text is cut at the earliest match. Of the stops that start there, the shortest completes first,
+    so it is the one reported and counted: ``[":", "::"]`` on ``":"`` ``":"`` is ``":"`` after one
+    token, whether the two tokens came one by one or together.
+    """
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self._matcher = StopMatcher(stops)
+        self._parts: list[str] = []
+        self._ends: list[int] = []  # text length at the end of each token
+        self._length = 0
+        self._released = 0
+        self.matched: str | None = None
+        self.stop_end: int | None = None
+        self._count = 0
+
+    @property
+    def tokens(self) -> int:
+        return self._count if self.matched is not None else len(self._ends)
+
+    @property
+    def text(self) -> str:
+        """All the text fed so far (past the stop too)."""
+        return "".join(self._parts)
+
+    def feed(self, texts: Sequence[str]) -> tuple[str, str | None]:
+        if self.matched is not None:
+            return "", self.matched
+        for t in texts:
+            self._length += len(t)
+            self._ends.append(self._length)
+        self._parts.extend(texts)
+        return self._settle(*self._matcher.feed("".join(texts)))
+
+    def flush(self, tail: str = "") -> tuple[str, str | None]:
+        if self.matched is not None:
+            return "", self.matched
+        safe, matched = "", None
+        if tail:
+            self._length += len(tail)
+            if self._ends:
+                self._ends[-1] = self._length
+            self._parts.append(tail)
+            safe, matched = self._matcher.feed(tail)
+        if matched is None:
+            rest, matched = self._matcher.flush()
+            safe += rest
+        return self._settle(safe, matched)
+
+    def _settle(self, safe: str, matched: str | None) -> tuple[str, str | None]:
+        self._released += len(safe)
+        if matched is None:
+            return safe, None
+        at = self._released  # the text released is exactly the text before the match
+        after = self.text[at:]
+        self.matched = min((s for s in self._matcher.stops if after.startswith(s)), key=len)
+        self.stop_end = at + len(self.matched)
+        self._count = min(bisect.bisect_left(self._ends, self.stop_end) + 1, len(self._ends))
+        return safe, self.matched

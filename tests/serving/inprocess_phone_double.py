@@ -6,6 +6,8 @@ base.py) that lets engine tests script exact token sequences, timing and failure
 
 * events in order ``Started -> Tokens* -> Finished``; the stop id itself is not sent as a token;
 * ``Finished.reason`` is ``stop`` on a stop id, ``length`` at ``max_new``;
+* one-shot mode (``oneshot_texts``): text instead of ids, and ``Finished`` as the one-shot backend
+  sends it: ``length`` with 0 tokens (unknown), or the runtime's own count (``oneshot_said``);
 * closing the iterator early (or cancelling the consuming task) "sends cancel" and waits a little
   for the phone's ``done`` before returning, as the real phone session does;
 * failures are raised as ``BackendError`` subclasses.
@@ -42,6 +44,7 @@ class InProcessPhoneDouble(Backend):
         oneshot_texts: list[str] | None = None,
         done_reason: str | None = None,
         skip_done: bool = False,
+        oneshot_said: int | None = None,
     ) -> None:
         self.ids = ids
         self.delay_s = delay_s
@@ -52,6 +55,7 @@ class InProcessPhoneDouble(Backend):
         self.oneshot_texts = oneshot_texts
         self.done_reason = done_reason
         self.skip_done = skip_done
+        self.oneshot_said = oneshot_said
         self.cancelled: list[str] = []  # request ids the phone was told to cancel
         self.cancel_confirmed: list[str] = []  # ... and confirmed `done` for
         self.busy_with: str | None = None
@@ -83,8 +87,13 @@ class InProcessPhoneDouble(Backend):
                 else:
                     yield Tokens(rid, [out], t_ms)
             finished = True
-            if not self.skip_done:
-                yield Finished(rid, self.done_reason or reason, len(params.prompt_ids), self.sent, 1.0, 2.0)  # type: ignore[arg-type]
+            if self.skip_done:
+                return
+            sent = self.sent
+            if self.oneshot_texts is not None:  # the CLI says no reason; maybe a count (stats line)
+                said = self.oneshot_said
+                reason, sent = ("stop" if said < params.max_new else "length", said) if said else ("length", 0)
+            yield Finished(rid, self.done_reason or reason, len(params.prompt_ids), sent, 1.0, 2.0)  # type: ignore[arg-type]
         finally:
             if not finished:
                 self.cancelled.append(rid)

@@ -80,6 +80,17 @@ async def test_stop_string_is_stop(qwen_tokenizer: HostTokenizer) -> None:
     assert rec.fields["finish_reason"] == "stop"
 
 
+async def test_stop_string_counts_the_tokens_through_the_stop_only(qwen_tokenizer: HostTokenizer) -> None:
+    """The phone runs ahead of the match (its tokens arrive in one batch): the tokens after the one
+    that completed the stop string are neither in the usage nor in the counter."""
+    ids = qwen_tokenizer.encode("one two\n\nthree four five six seven eight")
+    through = next(k + 1 for k in range(len(ids)) if "\n\n" in qwen_tokenizer.decode(ids[: k + 1]))
+    rec = Recorded()
+    await run(InProcessPhoneDouble(ids), qwen_tokenizer, rec, stop=["\n\n"])
+    assert through < len(ids)
+    assert rec.sample("qhx:generation_tokens_total") == rec.fields["completion_tokens"] == through
+
+
 async def test_consumer_walking_away_is_an_abort(qwen_tokenizer: HostTokenizer) -> None:
     ids = qwen_tokenizer.encode(" ".join(["word"] * 50))
     rec = Recorded()

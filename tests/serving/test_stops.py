@@ -1,4 +1,5 @@
-"""StopMatcher: stop strings across arbitrary splits of the text, never leaked."""
+"""StopMatcher: stop strings across arbitrary splits of the text, never leaked. TokenStops: the same
+over tokens, and the completion token count (docs/api.md "Usage"), whatever the batching."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.serving.stops import StopMatcher
+from server.serving.stops import StopMatcher, TokenStops
 from server.serving.tokens import HostTokenizer
 
 SETTINGS = settings(max_examples=400, deadline=None)
@@ -144,3 +145,80 @@ def test_empty_stop_strings_are_ignored() -> None:
 def test_earliest_match_wins_and_ties_take_the_longest() -> None:
     assert StopMatcher(["cd", "b"]).feed("abcd") == ("a", "b")
     assert StopMatcher(["ab", "abc"]).feed("xabcd") == ("x", "abc")
+
+
+# --- TokenStops: the count of completion tokens -------------------------------------------------
+
+TOKEN_TEXT = st.text(ALPHABET, max_size=3)  # "" too: a token that ends inside a UTF-8 character
+
+
+def count_reference(tokens: list[str], stops: list[str]) -> tuple[str, int]:
+    """(text, count) by the rule, computed on the whole text: cut at the earliest match; the count is
+    the index of the token in which the first stop starting there completes, + 1 (all tokens if none)."""
+    text = "".join(tokens)
+    want, stop = expected(text, stops)
+    if stop is None:
+        return text, len(tokens)
+    end = len(want) + min(len(s) for s in stops if s and text[len(want):].startswith(s))
+    seen = 0
+    for k, t in enumerate(tokens):
+        seen += len(t)
+        if seen >= end:
+            return want, k + 1
+    raise AssertionError("the stop is in the text")
+
+
+def scan_batches(stops: list[str], tokens: list[str], cuts: list[int], tail: str = "") -> tuple[str, int, TokenStops]:
+    """Feed ``tokens`` in batches cut at ``cuts`` (token indices), as the engine does."""
+    points = sorted({c % (len(tokens) + 1) for c in cuts} | {0, len(tokens)})
+    scan = TokenStops(stops)
+    out = ""
+    for a, b in itertools.pairwise(points):
+        safe, matched = scan.feed(tokens[a:b])
+        out += safe
+        if matched is not None:
+            return out, scan.tokens, scan
+    safe, _ = scan.flush(tail)
+    return out + safe, scan.tokens, scan
+
+
+@SETTINGS
+@given(
+    tokens=st.lists(TOKEN_TEXT, max_size=30),
+    stops=st.lists(st.text(ALPHABET, min_size=1, max_size=5), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 1000), max_size=10),
+)
+def test_token_count_ends_at_the_token_that_completes_the_stop_whatever_the_batches(
+    tokens: list[str], stops: list[str], cuts: list[int]
+) -> None:
+    want_text, want_count = count_reference(tokens, stops)
+    streamed = scan_batches(stops, tokens, list(range(len(tokens))))  # one token per batch: a fast reader
+    together = scan_batches(stops, tokens, [])  # all at once: a reader that fell behind
+    batched = scan_batches(stops, tokens, cuts)
+    for out, count, scan in (streamed, together, batched):
+        assert out == want_text
+        assert count == want_count
+        assert (scan.matched is None) == (expected("".join(tokens), stops)[1] is None)
+    assert streamed[2].matched == together[2].matched == batched[2].matched  # the stop that completed first
+
+
+def test_tokens_after_the_stop_are_not_counted() -> None:
+    scan = TokenStops(["User:"])
+    assert scan.feed(["User", ":", " more", " and", " more"]) == ("", "User:")
+    assert scan.tokens == 2 and scan.stop_end == 5
+
+
+def test_of_two_stops_at_the_cut_the_shorter_completes_first() -> None:
+    scan = TokenStops([":", "::"])
+    assert scan.feed([":", ":"]) == ("", ":")
+    assert scan.tokens == 1
+
+
+def test_the_detokenizer_tail_belongs_to_the_last_token() -> None:
+    scan = TokenStops(["\ufffd"])
+    assert scan.feed(["a", ""]) == ("a", None)
+    assert scan.flush("\ufffd") == ("", "\ufffd")
+    assert scan.tokens == 2
+    scan = TokenStops(["x"])
+    scan.feed(["a", "b"])
+    assert scan.flush() == ("", None) and scan.tokens == 2 and scan.stop_end is None
