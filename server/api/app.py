@@ -40,6 +40,7 @@ from server.serving.chat.service import ChatService
 from server.serving.completions import CompletionService
 from server.serving.metrics import BackendCollector, ServingMetrics
 from server.serving.models import ModelRegistry
+from server.serving.oneshot import IGNORED_HEADER
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, open_paths=open_paths(settings))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER, "Retry-After"])
+                           allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER, "Retry-After", IGNORED_HEADER])
     routers = [completions.router, chat.router, tokenize.router, models.router, health.router, metrics.router]
     for router in routers:
         app.include_router(router)

@@ -115,7 +115,8 @@ async def stream_response(
 
 
 async def respond_unless_disconnected(
-    request: Request, work: Coroutine[Any, Any, str], *, request_id: str | None = None
+    request: Request, work: Coroutine[Any, Any, str], *, request_id: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Response:
     """A non-streaming JSON answer (``work`` returns the JSON text). If the client goes away first,
     ``work`` is cancelled, and with it the request on the phone (uvicorn does not cancel handlers)."""
@@ -136,4 +137,4 @@ async def respond_unless_disconnected(
     if task.cancelled():
         logger.info("request %s: client disconnected; generation cancelled", request_id)
         return Response(status_code=499)
-    return Response(task.result(), media_type="application/json")
+    return Response(task.result(), media_type="application/json", headers=dict(headers or {}))

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from server.backends.base import Backend, GenerationParams
 from server.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
@@ -26,6 +26,7 @@ from server.serving.choices import choice_params, merge_choices
 from server.serving.engine import Delta, Outcome, generate_text
 from server.serving.metrics import ServingMetrics
 from server.serving.models import ModelRegistry
+from server.serving.oneshot import check_oneshot
 from server.serving.protocol import Completion, CompletionChoice, CompletionRequest, CompletionUsage
 from server.serving.tokens import ENDOFTEXT, IM_END, HostTokenizer
 
@@ -43,6 +44,7 @@ class PreparedCompletion:
     tokenizer: HostTokenizer
     params: GenerationParams
     echo_text: str  # "" unless echo
+    ignored: list[str] = field(default_factory=list)  # parameters one-shot phones will not honour
 
     @property
     def stop(self) -> list[str]:
@@ -96,8 +98,9 @@ class CompletionService:
             request_id=cmpl_id, model=info.name, prompt_ids=ids, max_new=max_new,
             stop_ids=[tok.special_id(ENDOFTEXT), tok.special_id(IM_END)], prompt_text=text,
         )
+        ignored = check_oneshot(self._backend, params, request.n or 1)
         echo = (text if request.prompt not in (None, "", []) else "") if request.echo else ""
-        return PreparedCompletion(request, cmpl_id, int(time.time()), info.name, tok, params, echo)
+        return PreparedCompletion(request, cmpl_id, int(time.time()), info.name, tok, params, echo, ignored)
 
     async def _prompt(self, request: CompletionRequest, tok: HostTokenizer, max_context: int) -> tuple[str, list[int]]:
         """(text, ids) of the prompt in any of the spec's four forms."""

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from server.api.sse import respond_unless_disconnected, stream_response
 from server.serving.chat.protocol import ChatCompletionRequest
 from server.serving.chat.service import ChatService
+from server.serving.oneshot import ignored_header
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -31,8 +32,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         len(prepared.params.prompt_ids), prepared.params.max_new, len(body.tools or []),
         prepared.prompt.thinking, bool(body.stream),
     )
+    headers = ignored_header(prepared.ignored)
     if body.stream:
         return await stream_response(
-            service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=prepared.id
+            service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=prepared.id,
+            headers=headers,
         )
-    return await respond_unless_disconnected(request, service.complete(prepared), request_id=prepared.id)
+    return await respond_unless_disconnected(request, service.complete(prepared), request_id=prepared.id,
+                                             headers=headers)

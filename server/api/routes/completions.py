@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from server.api.sse import respond_unless_disconnected, stream_response
 from server.serving.completions import CompletionService
+from server.serving.oneshot import ignored_header
 from server.serving.protocol import CompletionRequest
 
 logger = logging.getLogger(__name__)
@@ -23,9 +24,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     logger.debug("request %s is %s (model %s, %d prompt tokens, max %d new, stream %s)", request_id,
                  prepared.id, prepared.model, len(prepared.params.prompt_ids), prepared.params.max_new,
                  bool(body.stream))
+    headers = ignored_header(prepared.ignored)
     if body.stream:
         return await stream_response(
-            service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=prepared.id
+            service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=prepared.id,
+            headers=headers,
         )
-    return await respond_unless_disconnected(request, service.complete(prepared), request_id=prepared.id)
+    return await respond_unless_disconnected(request, service.complete(prepared), request_id=prepared.id,
+                                             headers=headers)
 

@@ -5,9 +5,13 @@ For runtimes without session protocol v1. The prompt *text* goes on the command 
 character split across packets is never mangled. What the phone does not tell us, we do not invent:
 
 * ``Tokens.ids`` is empty and ``Tokens.text`` carries the text; ``t_ms`` is None.
-* ``Finished.completion_tokens`` is 0 (unknown) and the reason is ``length``: the CLI has no stop ids
-  and no way to say why it stopped. The serving layer counts completion tokens by tokenizing the text
-  and applies stop strings itself (closing this generator early, which kills the process).
+* ``Finished.completion_tokens`` is 0 (unknown) and the reason is ``length`` (a placeholder): the CLI
+  exits 0 whether it reached ``max_new`` or its own stop id, and its stats line has no format in the
+  contract. The serving layer counts completion tokens by tokenizing the text, infers the reason from
+  that count (fewer than ``max_new``: ``stop``; server/serving/engine.py) and applies stop strings
+  itself (closing this generator early, which kills the process).
+* The CLI decodes greedily and takes no sampling parameters; GenerationParams' temperature, top_p,
+  top_k, seed and repetition_penalty do not reach it (server/serving/oneshot.py says so to clients).
 * Every request pays the model load; ``prefill_ms`` is the time to the first output byte (load
   included), ``decode_ms`` the rest.
 
