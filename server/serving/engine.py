@@ -186,8 +186,9 @@ def _retokenized(tokenizer: HostTokenizer, scan: TokenStops, max_new: int) -> in
 def _oneshot_finish(finished: Finished, retokenized: int, max_new: int) -> tuple[Literal["stop", "length"], int]:
     """Why a one-shot run ended by itself, and its token count.
 
-    The count is the runtime's own when its stats line gave one (``Finished.completion_tokens``,
-    server/backends/adb/oneshot.py), else the host's ``retokenized`` count. Fewer tokens than
+    The count is the backend's when it knows one (``Finished.completion_tokens`` > 0; the one-shot
+    backend sends 0, as the CLI's stats line has no format in the contract), else the host's
+    ``retokenized`` count. Fewer tokens than
     ``max_new`` means the runtime stopped by itself (a stop id; ``max_new`` never reaches past the
     context: the services clamp it), which the session protocol would have called ``stop``."""
     generated = finished.completion_tokens or retokenized
