@@ -165,7 +165,7 @@ class ChatTemplate:
             "enable_thinking": enable_thinking,
         }
         try:
-            return self._template.render(**variables)
+            return self._template.render(variables)  # a dict: a key named "self" is a variable too
         except InvalidRequest:
             raise
         except jinja2.TemplateError as exc:

@@ -240,3 +240,5 @@ def test_template_kwargs_are_template_variables_and_enable_thinking_is_the_calle
     template = ChatTemplate("{{ greeting }} {{ enable_thinking }} {{ namespace is defined }}")
     assert template.render([], template_kwargs={"greeting": "hi", "enable_thinking": True}) == "hi False True"
     assert template.render([], enable_thinking=True, template_kwargs={"enable_thinking": False}) == " True True"
+    # any key, even one that is a parameter name of Jinja's Template.render
+    assert ChatTemplate("{{ self is defined }}").render([], template_kwargs={"self": None}) == "True"
