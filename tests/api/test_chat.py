@@ -248,6 +248,9 @@ def test_tool_choice_none_renders_tools_but_parses_no_call(live: LiveServer, pho
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          "messages[0].content[0].type"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+        ({"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]},
+         "messages[0].content[0].type"),
         ({"messages": [{"role": "system", "content": "only a system prompt"}]}, "messages"),
         ({"messages": [USER, {"role": "assistant", "content": "", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
@@ -273,6 +276,31 @@ def test_prompt_over_the_context_is_context_length_exceeded(live: LiveServer) ->
         live.client().chat.completions.create(model=live.model, messages=[{"role": "user", "content": "x " * 5000}])
     assert caught.value.code == "context_length_exceeded"
     assert "maximum context length" in caught.value.message
+
+
+def test_huge_prompt_refused_without_tokenizing_says_its_count_is_a_bound(
+    live: LiveServer, tokenizer: HostTokenizer, template: ChatTemplate
+) -> None:
+    messages = [{"role": "user", "content": "x " * 300_000}]  # 600 KB: over the bound for 1,024 tokens
+    with pytest.raises(openai.BadRequestError) as caught:
+        live.client().chat.completions.create(model=live.model, messages=messages)
+    assert caught.value.code == "context_length_exceeded" and caught.value.param == "messages"
+    exact = prompt_tokens(tokenizer, template, messages)
+    assert f"{exact} tokens" not in caught.value.message  # the bound is not the count...
+    assert "at least" in caught.value.message  # ...and says so
+    prompt_bytes = len(render(template, messages).encode("utf-8"))
+    assert f"{prompt_bytes} bytes" in caught.value.message
+
+
+def test_assistant_refusal_is_rendered_as_its_text(live: LiveServer) -> None:
+    refused = [USER, {"role": "assistant", "content": [{"type": "refusal", "refusal": "I won't say."}]},
+               {"role": "user", "content": "Please?"}]
+    r = httpx.post(live.base_url + "/apply-template", json={"model": live.model, "messages": refused})
+    assert r.status_code == 200, r.text
+    assert "<|im_start|>assistant\nI won't say.<|im_end|>" in r.json()["prompt"]
+    answer = live.client().chat.completions.create(model=live.model, messages=refused,
+                                                   max_completion_tokens=2)
+    assert answer.choices[0].finish_reason == "length"
 
 
 def test_default_max_tokens_fill_the_context(live: LiveServer, tokenizer: HostTokenizer,

@@ -34,12 +34,14 @@ from server.serving.protocol import CompletionUsage, StreamOptions, _GenerationR
 
 
 class ContentPart(BaseModel):
-    """A content part; only ``text`` parts are served (the phones run the text model)."""
+    """A content part; ``text`` parts are served (the phones run the text model), and ``refusal``
+    parts of assistant messages (rendered as the assistant's text)."""
 
     model_config = ConfigDict(extra="allow")
 
     type: StrictStr
     text: StrictStr | None = None
+    refusal: StrictStr | None = None
 
 
 class FunctionCall(BaseModel):
@@ -65,6 +67,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
+    refusal: StrictStr | None = None  # assistant messages: rendered after the content, as its text
     name: StrictStr | None = None  # accepted, not rendered (the template has no place for it)
     tool_call_id: StrictStr | None = None  # tool messages
     tool_calls: list[MessageToolCall] | None = None  # assistant messages
@@ -196,18 +199,13 @@ class ChatCompletionRequest(_GenerationRequest):
 def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
     if isinstance(m.content, list):
-        parts = []
-        for j, part in enumerate(m.content):
-            if part.type != "text" or part.text is None:
-                raise UnsupportedParameter(
-                    f"messages[{i}].content[{j}]: content parts of type {part.type!r} are not supported; "
-                    "this model takes text only.",
-                    param=f"messages[{i}].content[{j}].type",
-                )
-            parts.append({"type": "text", "text": part.text})
-        out["content"] = parts
+        out["content"] = [_template_part(i, j, m.role, part) for j, part in enumerate(m.content)]
     else:
         out["content"] = m.content
+    if m.refusal is not None and m.role == "assistant":  # what the assistant said: its text
+        before = out["content"] if isinstance(out["content"], list) else (
+            [{"type": "text", "text": out["content"]}] if out["content"] else [])
+        out["content"] = [*before, {"type": "text", "text": m.refusal}]
     reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
     if reasoning is not None and m.role == "assistant":
         out["reasoning_content"] = reasoning
@@ -216,6 +214,25 @@ def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
     return out
+
+
+def _template_part(i: int, j: int, role: str, part: ContentPart) -> dict[str, Any]:
+    """A content part as the template takes it: text (a refusal is the assistant's text)."""
+    where = f"messages[{i}].content[{j}]"
+    field = {"text": "text", "refusal": "refusal"}.get(part.type)
+    if field == "refusal" and role != "assistant":
+        raise InvalidRequest(f"{where}: content parts of type 'refusal' are only allowed in assistant messages.",
+                             param=f"{where}.type")
+    if field is None:
+        raise UnsupportedParameter(
+            f"{where}: content parts of type {part.type!r} are not supported; this model takes text only.",
+            param=f"{where}.type",
+        )
+    value = part.text if field == "text" else part.refusal
+    if value is None:
+        raise InvalidRequest(f"{where}: a {part.type!r} content part needs its {field!r} (a string).",
+                             param=f"{where}.{field}", code="missing_required_parameter")
+    return {"type": "text", "text": value}
 
 
 def _template_call(i: int, j: int, call: MessageToolCall) -> dict[str, Any]:

@@ -82,8 +82,17 @@ class PreparedChat:
         return self.prompt.info.name
 
 
-def context_error(max_context: int, prompt_tokens: int, requested: int | None, param: str) -> ContextLengthExceeded:
-    """OpenAI's wording for chat, with both numbers; ``param`` names what to shorten."""
+def context_error(max_context: int, prompt_tokens: int, requested: int | None, param: str, *,
+                  prompt_bytes: int | None = None) -> ContextLengthExceeded:
+    """OpenAI's wording for chat, with both numbers; ``param`` names what to shorten.
+    ``prompt_bytes``: ``prompt_tokens`` is only a lower bound, from the prompt's size in bytes."""
+    if prompt_bytes is not None:
+        return ContextLengthExceeded(
+            f"This model's maximum context length is {max_context} tokens. However, your messages resulted "
+            f"in a prompt of {prompt_bytes} bytes, which is at least {prompt_tokens} tokens (a bound computed "
+            "without tokenizing it). Please reduce the length of the messages.",
+            param="messages",
+        )
     if requested is None or prompt_tokens >= max_context:
         return ContextLengthExceeded(
             f"This model's maximum context length is {max_context} tokens. However, your messages resulted "
@@ -136,7 +145,8 @@ class ChatService:
         if add_generation_prompt:
             text += plan.prefill
         if tok.min_tokens(text) > info.max_context:  # before tokenizing: huge prompts fail in ~1 ms
-            raise context_error(info.max_context, tok.min_tokens(text), None, "messages")
+            raise context_error(info.max_context, tok.min_tokens(text), None, "messages",
+                                prompt_bytes=len(text.encode("utf-8")))
         ids = await tok.encode_async(text)
         return RenderedPrompt(info, tok, text, ids, plan, thinking, template.source)
 

@@ -52,6 +52,42 @@ def test_tool_call_arguments_must_be_a_json_object(arguments: str) -> None:
     assert caught.value.param == "messages[1].tool_calls[0].function.arguments"
 
 
+@pytest.mark.parametrize(
+    ("message", "param", "error"),
+    [
+        ({"role": "user", "content": [{"type": "text"}]}, "messages[1].content[0].text", InvalidRequest),
+        ({"role": "user", "content": [{"type": "text", "text": None}]}, "messages[1].content[0].text",
+         InvalidRequest),
+        ({"role": "assistant", "content": [{"type": "refusal"}]}, "messages[1].content[0].refusal", InvalidRequest),
+        ({"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}, "messages[1].content[0].type",
+         InvalidRequest),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+         "messages[1].content[0].type", UnsupportedParameter),
+    ],
+)
+def test_bad_content_parts_name_what_is_wrong(message: dict[str, Any], param: str, error: type[Exception]) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        request(messages=[USER, message]).template_messages()
+    assert type(caught.value) is error and caught.value.param == param
+    field = param.rsplit(".", 1)[1]
+    if field != "type":  # the part's type is fine: the message names the missing field
+        assert f"'{field}'" in caught.value.message and caught.value.code == "missing_required_parameter"
+        assert "not supported" not in caught.value.message
+
+
+def test_assistant_refusals_are_rendered_as_its_text() -> None:
+    r = request(messages=[USER, {"role": "assistant", "content": [
+        {"type": "text", "text": "Well. "}, {"type": "refusal", "refusal": "I can't help with that."}]},
+        {"role": "assistant", "content": None, "refusal": "No."},
+        {"role": "assistant", "content": "Hm.", "refusal": " No."}, USER])
+    assert r.template_messages()[1:4] == [
+        {"role": "assistant", "content": [{"type": "text", "text": "Well. "},
+                                          {"type": "text", "text": "I can't help with that."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hm."}, {"type": "text", "text": " No."}]},
+    ]
+
+
 def test_thinking_switches() -> None:
     assert request().thinking is False
     assert request(enable_thinking=True).thinking is True

@@ -1,10 +1,13 @@
-"""``chat_template_kwargs`` on every endpoint that renders the chat template: a name the server
-passes to the template itself is a 400 naming ``chat_template_kwargs``, any other key is a template
-variable, and no value is ever a 500."""
+"""Every endpoint that renders the chat template (chat, streamed and not, ``/tokenize``,
+``/apply-template``) answers any ``chat_template_kwargs`` and any message content with a 200 or a 400
+naming the parameter, never a 500: a name the server passes to the template itself is a 400 naming
+``chat_template_kwargs``, any other key is a template variable; a bad content part names what is
+wrong with it."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -20,9 +23,9 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
-def post(live: LiveServer, endpoint: str, kwargs: Any) -> httpx.Response:
+def post(live: LiveServer, endpoint: str, kwargs: Any, messages: list[Any] | None = None) -> httpx.Response:
     """One request to ``endpoint`` with ``chat_template_kwargs`` set to ``kwargs`` (any JSON)."""
-    body: dict[str, Any] = {"model": live.model, "messages": [USER], "tools": [WEATHER],
+    body: dict[str, Any] = {"model": live.model, "messages": messages or [USER], "tools": [WEATHER],
                             "chat_template_kwargs": kwargs}
     if endpoint.startswith("/v1/chat/completions"):
         body["max_completion_tokens"] = 1
@@ -100,3 +103,37 @@ def test_random_kwargs_are_never_a_500(live: LiveServer, endpoint: str, kwargs: 
     else:
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "chat_template_kwargs"
+
+
+# message content of any shape: strings, parts of any type with or without their fields
+_part = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "refusal", "image_url", "input_audio", "file", "video", "", "Text"])},
+    optional={"text": st.none() | st.text() | st.integers(), "refusal": st.none() | st.text(),
+              "image_url": st.fixed_dictionaries({"url": st.text()}), "extra": _json},
+)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"])},
+    optional={"content": st.none() | st.text() | st.lists(_part, max_size=3), "refusal": st.none() | st.text(),
+              "name": st.text(max_size=5), "reasoning_content": st.text(max_size=10)},
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(endpoint=st.sampled_from(ENDPOINTS), messages=st.lists(_message, min_size=1, max_size=3))
+def test_random_message_content_is_never_a_500(live: LiveServer, endpoint: str, messages: list[Any]) -> None:
+    r = post(live, endpoint, None, messages=[*messages, USER])
+    assert r.status_code in (200, 400), (r.text, json.dumps(messages)[:300])
+    if r.status_code == 400:
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and str(error["param"]).startswith("messages"), error
+        named = re.fullmatch(r"messages\[(\d+)\]\.content\[(\d+)\]\.(\w+)", error["param"])
+        if named:  # a part's error names the field that is wrong: its type only when that is unsupported
+            message = messages[int(named[1])]
+            part, field = message["content"][int(named[2])], named[3]
+            served = part["type"] == "text" or (part["type"] == "refusal" and message["role"] == "assistant")
+            if served:  # its own field is missing or not a string
+                assert field == part["type"], error
+            else:  # its type, or a field that is not even a string
+                assert field == "type" or not isinstance(part.get(field), str | None), error
+    elif endpoint.endswith("stream"):
+        assert r.text.rstrip().endswith("data: [DONE]"), r.text
