@@ -7,7 +7,7 @@
     ├── AuthenticationFailed      401
     ├── ModelNotFound             404 model_not_found
     ├── Overloaded                429 (queue full), carries retry_after seconds
-    ├── NoPhoneAvailable          503 (no ready phone serves the model)
+    ├── NoPhoneAvailable          503 (no phone free in time, or none serves the model now), carries retry_after
     └── BackendError              a phone or its session failed a request
         ├── PhoneLost             adb stream dropped / device gone / session process exited
         ├── PhoneStalled          no token within the stall timeout
@@ -74,6 +74,10 @@ class NoPhoneAvailable(QhxError):
     status_code = 503
     error_type = "service_unavailable_error"
     code = "no_phone_available"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after = retry_after
 
 
 class BackendError(QhxError):

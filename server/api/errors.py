@@ -3,7 +3,8 @@
     {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
 
 * :class:`server.errors.QhxError` subclasses map by class (their ``status_code``, ``error_type``,
-  ``code``, ``param``); :class:`~server.errors.Overloaded` adds ``Retry-After``,
+  ``code``, ``param``); :class:`~server.errors.Overloaded` and
+  :class:`~server.errors.NoPhoneAvailable` add ``Retry-After``,
   :class:`~server.errors.AuthenticationFailed` ``WWW-Authenticate: Bearer``.
 * Request validation errors (wrong types, out-of-range values, malformed JSON) are 400 naming the
   parameter, as OpenAI answers them; never FastAPI's 422.
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import AuthenticationFailed, Overloaded, QhxError
+from server.errors import AuthenticationFailed, NoPhoneAvailable, Overloaded, QhxError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
     """(status, envelope, extra headers) for any exception."""
     if isinstance(exc, QhxError):
         headers = {}
-        if isinstance(exc, Overloaded):
+        if isinstance(exc, (Overloaded, NoPhoneAvailable)):
             headers["Retry-After"] = str(max(1, round(exc.retry_after)))
             # the openai clients prefer this one: the pool's estimate unrounded
             headers["retry-after-ms"] = str(max(1, round(exc.retry_after * 1000)))

@@ -17,7 +17,7 @@ import logging
 import time
 
 from server.backends.base import Backend, ModelInfo
-from server.errors import ModelNotFound, QhxError
+from server.errors import ModelNotFound, NoPhoneAvailable, QhxError
 from server.serving.protocol import ModelCard
 from server.serving.tokens import HostTokenizer
 
@@ -52,7 +52,8 @@ class ModelRegistry:
         return found
 
     def resolve(self, name: str) -> ModelInfo:
-        """The served model called ``name``; :class:`ModelNotFound` (404) otherwise."""
+        """The served model called ``name``; :class:`NoPhoneAvailable` (503) for a model served
+        earlier that no phone serves now; :class:`ModelNotFound` (404) for a name never served."""
         models = self.models()
         for info in models:
             if info.name == name:
@@ -60,6 +61,10 @@ class ModelRegistry:
         folded = [info for info in models if info.name.casefold() == name.casefold()]
         if len(folded) == 1:
             return folded[0]
+        if name.casefold() in {seen.casefold() for seen in self._first_seen}:
+            # served before, no phone now (unplugged, adb server gone): temporary, its phones may come back
+            raise NoPhoneAvailable(f"No phone serves `{name}` right now (unplugged or adb server gone); "
+                                   "retry later.")
         served = ", ".join(sorted(info.name for info in models)) or "none (no phone is ready)"
         raise ModelNotFound(f"The model `{name}` does not exist. Served models: {served}.", param="model")
 
