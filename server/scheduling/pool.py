@@ -9,12 +9,23 @@ ready, idle phone serving the model is free (docs/pool.md):
   :class:`~server.errors.Overloaded` -> 429 with ``Retry-After``: the expected time until a phone
   frees up, from the recent request durations) and so is the wait (``Settings.queue_timeout_s``,
   then :class:`~server.errors.NoPhoneAvailable` -> 503, code ``queue_timeout``);
+* the bound applies to requests that must wait: a request that an idle phone can take right away
+  takes it, however long the queue (its waiters cannot use that phone);
 * when the last phone of a model goes away (unplugged, adb server gone), its waiters get 503 at once
-  instead of waiting for the timeout;
+  instead of waiting for the timeout, and so do new requests for it (503, not 404: the model was
+  served and its phones may come back; a name never served is ``ModelNotFound`` -> 404);
 * a request whose phone fails before any token reached the caller is retried once, at the head of
   the queue, on another phone when there is one (the caller never notices); after the first token
   the error reaches the caller. A phone that went away between being granted and being used is not
   a failure: the request goes back to the head of the queue.
+
+Leases. A phone is *leased* to one request from the moment ``_dispatch`` grants it to a waiter until
+``_release``: granted (the waiter's future holds the phone's key, its task has not woken up yet),
+then claimed (the request runs on it). ``_lease`` is the one place a lease is taken and given back:
+a waiter that leaves the queue in any other way than by claiming its grant (queue timeout,
+cancellation, the client gone, an error) gives back whatever was granted to it meanwhile
+(``_withdraw``), and a claimed lease is released when the request's block ends, however it ends.
+``audit()`` checks that bookkeeping (tests assert it under load).
 
 Phone health (quarantine after failures in a row) is the phone's own business
 (``server.backends.adb.phone``): the pool routes to READY phones only.
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -100,10 +112,12 @@ class PhonePool(Backend):
         self._settings = settings
         self._source: PhoneSource | None = None
         self._queues: dict[str, collections.deque[_Waiter]] = collections.defaultdict(collections.deque)
-        self._leased: dict[str, str] = {}  # phone key -> request id
-        self._running: dict[str, PoolPhone] = {}  # request id -> phone
+        self._leased: dict[str, str] = {}  # phone key -> request id (granted or running)
+        self._granted: dict[str, _Waiter] = {}  # phone key -> the waiter it was granted to, not yet claimed
+        self._running: dict[str, tuple[str, PoolPhone]] = {}  # request id -> (phone key, phone)
         self._idle_since: dict[str, float] = {}  # phone key -> when it was last handed back
         self._service_s: dict[str, float] = {}  # model -> moving average of a request's phone time
+        self._served: set[str] = set()  # models a phone has served (ready or busy) since the start
         self.queue_wait_observer: Callable[[str, float], None] | None = None
 
     def attach(self, source: PhoneSource) -> None:
@@ -114,10 +128,16 @@ class PhonePool(Backend):
     def phone_changed(self, _phone: object = None) -> None:
         """Called by the phone source (on the event loop) whenever a phone's state changes: hands
         idle phones to the oldest waiters, fails the waiters of a model no phone serves any more."""
+        self._note_served()
         self._dispatch()
 
     def _phones(self) -> Mapping[str, PoolPhone]:
         return self._source.phones if self._source is not None else {}
+
+    def _note_served(self) -> None:
+        for phone in self._phones().values():
+            if phone.model is not None and phone.state in _SERVING:
+                self._served.add(phone.model.name)
 
     def _of_model(self, model: str, states: frozenset[PhoneState]) -> list[str]:
         return [
@@ -153,16 +173,19 @@ class PhonePool(Backend):
                     continue
                 queue.remove(waiter)
                 self._leased[key] = waiter.request_id
+                self._granted[key] = waiter  # until its request claims it (or gives it back)
                 waiter.future.set_result(key)
+
+    def _no_phone(self, model: str) -> NoPhoneAvailable:
+        return NoPhoneAvailable(f"No phone serves `{model}` right now (unplugged or adb server gone); "
+                                "retry later.")
 
     def _fail_all(self, model: str, queue: collections.deque[_Waiter]) -> None:
         logger.warning("no phone serves %s any more: %d queued request(s) fail", model, len(queue))
         while queue:
             waiter = queue.popleft()
             if not waiter.future.done():
-                waiter.future.set_exception(
-                    NoPhoneAvailable(f"No phone serves `{model}` any more (unplugged or adb server gone).")
-                )
+                waiter.future.set_exception(self._no_phone(model))
 
     # -- leasing ------------------------------------------------------------------------------
 
@@ -171,45 +194,80 @@ class PhonePool(Backend):
         phones = max(1, len(self._of_model(model, _SERVING)))
         return min(RETRY_AFTER_MAX_S, max(1.0, self._service_s.get(model, 1.0) / phones))
 
-    async def _acquire(self, params: GenerationParams, exclude: frozenset[str], *, front: bool) -> str:
-        """A phone key leased to this request (released by ``_release``)."""
+    def _enqueue(self, params: GenerationParams, exclude: frozenset[str], *, front: bool) -> _Waiter:
+        """A waiter in its model's queue, granted a phone already when an idle one may serve it."""
         model = params.model
+        self._note_served()
         if not self._of_model(model, _PRESENT):
-            if front:  # it was served a moment ago
-                raise NoPhoneAvailable(f"No phone serves `{model}` any more (unplugged or adb server gone).")
+            if front or model in self._served:  # it was served: its phones may come back
+                raise self._no_phone(model)
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
-        queue = self._queues[model]
-        if not front and self.queue_depth(model) >= self._settings.max_queue:
-            raise Overloaded(
-                f"The queue for `{model}` is full ({self._settings.max_queue} waiting); retry later.",
-                retry_after=self._retry_after(model),
-            )
         waiter = _Waiter(params.request_id, model, asyncio.get_running_loop().create_future(), exclude)
+        queue = self._queues[model]
         if front:  # a retry: it waited its turn already
             queue.appendleft(waiter)
         else:
             queue.append(waiter)
-        self._dispatch()
+        self._dispatch()  # an idle phone it may use is its own now, however long the queue
+        if not front and not waiter.future.done() and self.queue_depth(model) > self._settings.max_queue:
+            self._withdraw(waiter)
+            raise Overloaded(
+                f"The queue for `{model}` is full ({self._settings.max_queue} waiting); retry later.",
+                retry_after=self._retry_after(model),
+            )
+        return waiter
+
+    def _withdraw(self, waiter: _Waiter) -> None:
+        """The waiter leaves without claiming a phone: out of the queue, and a phone granted to it
+        meanwhile (its task had not woken up yet) goes back to the pool."""
+        future = waiter.future
+        if future.done() and not future.cancelled() and future.exception() is None:
+            key = future.result()
+            if self._granted.get(key) is waiter:
+                del self._granted[key]
+                self._release(key, waiter.request_id)
+            return
+        future.cancel()
+        with contextlib.suppress(ValueError):
+            self._queues[waiter.model].remove(waiter)
+
+    async def _wait(self, waiter: _Waiter) -> str:
+        """The key granted to the waiter; NoPhoneAvailable after the queue timeout."""
         timeout = self._settings.queue_timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+            async with asyncio.timeout(timeout):
+                return await waiter.future
         except TimeoutError:
-            waiter.future.cancel()
             raise NoPhoneAvailable(
-                f"No phone serving `{model}` became free within {timeout:g} s.", code="queue_timeout"
+                f"No phone serving `{waiter.model}` became free within {timeout:g} s.", code="queue_timeout",
+                retry_after=self._retry_after(waiter.model),
             ) from None
-        except asyncio.CancelledError:
-            future = waiter.future
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self._release(future.result())  # granted just as we were cancelled
-            future.cancel()
-            raise
         finally:
             if self.queue_wait_observer is not None:
-                self.queue_wait_observer(model, time.monotonic() - waiter.enqueued)
+                self.queue_wait_observer(waiter.model, time.monotonic() - waiter.enqueued)
 
-    def _release(self, key: str) -> None:
-        self._leased.pop(key, None)
+    @contextlib.asynccontextmanager
+    async def _lease(self, params: GenerationParams, exclude: frozenset[str], *, front: bool) -> AsyncIterator[str]:
+        """A phone leased to the request for the block: the only way a phone is taken, and on every
+        way out (a timeout, a cancel, the block's end or error) it is given back."""
+        waiter = self._enqueue(params, exclude, front=front)
+        try:
+            key = await self._wait(waiter)
+        except BaseException:
+            self._withdraw(waiter)  # whatever ended the wait, a phone granted meanwhile goes back
+            raise
+        self._granted.pop(key, None)  # claimed: from here on the block's end releases it
+        try:
+            yield key
+        finally:
+            self._release(key, params.request_id)
+
+    def _release(self, key: str, request_id: str) -> None:
+        holder = self._leased.get(key)
+        if holder != request_id:  # never free a phone someone else holds
+            logger.error("request %s gives back phone %s, leased to %s", request_id, key, holder)
+            return
+        del self._leased[key]
         self._idle_since[key] = time.monotonic()
         self._dispatch()
 
@@ -224,12 +282,9 @@ class PhonePool(Backend):
         front = False
         regrants = 0
         while True:
-            key = await self._acquire(params, frozenset(tried), front=front)
-            front = True  # whatever happens next, a new attempt keeps its place at the head
-            phone = self._phones().get(key)
-            streamed = False
-            t0 = time.monotonic()
-            try:
+            async with self._lease(params, frozenset(tried), front=front) as key:
+                front = True  # whatever happens next, a new attempt keeps its place at the head
+                phone = self._phones().get(key)
                 if phone is None or phone.state is not PhoneState.READY:
                     regrants += 1
                     if regrants > MAX_REGRANTS:
@@ -237,7 +292,9 @@ class PhonePool(Backend):
                     logger.info("request %s: phone %s went away before it started; back to the queue",
                                 params.request_id, key)
                     continue
-                self._running[params.request_id] = phone
+                streamed = False
+                t0 = time.monotonic()
+                self._running[params.request_id] = (key, phone)
                 agen = phone.generate(params)
                 try:
                     async for event in agen:
@@ -248,25 +305,25 @@ class PhonePool(Backend):
                         yield event
                         if isinstance(event, Finished):
                             return
+                    return
+                except BackendError as exc:
+                    tried.add(key)
+                    if streamed or not exc.retryable or len(tried) > 1:
+                        raise
+                    logger.warning(
+                        "request %s: phone %s failed before its first token (%s); retrying once",
+                        params.request_id, key, exc.code,
+                    )
                 finally:
-                    await agen.aclose()  # type: ignore[attr-defined]
-                return
-            except BackendError as exc:
-                tried.add(key)
-                if streamed or not exc.retryable or len(tried) > 1:
-                    raise
-                logger.warning(
-                    "request %s: phone %s failed before its first token (%s); retrying once",
-                    params.request_id, key, exc.code,
-                )
-            finally:
-                self._running.pop(params.request_id, None)
-                self._release(key)
+                    try:
+                        await agen.aclose()  # type: ignore[attr-defined]
+                    finally:  # running (and cancellable) until the phone has let go
+                        self._running.pop(params.request_id, None)
 
     async def cancel(self, request_id: str) -> None:
-        phone = self._running.get(request_id)
-        if phone is not None:
-            await phone.cancel(request_id)
+        running = self._running.get(request_id)
+        if running is not None:
+            await running[1].cancel(request_id)
 
     def models(self) -> list[ModelInfo]:
         merged: dict[str, ModelInfo] = {}
@@ -295,6 +352,45 @@ class PhonePool(Backend):
     def running(self) -> int:
         """Requests on a phone right now."""
         return len(self._running)
+
+    def leased(self) -> int:
+        """Phones held by a request (running on it, or granted to it and about to run)."""
+        return len(self._leased)
+
+    def audit(self) -> list[str]:
+        """What is wrong with the pool's bookkeeping, in words; empty when it is sound. Holds whenever
+        the event loop switches tasks, so tests assert it under load:
+
+        * every leased phone is held by the request running on it, or granted to a waiter whose task
+          has not woken up yet (so at rest, leases held == requests running);
+        * every running request holds the lease of its phone;
+        * no request waits while an idle phone it may use is free.
+        """
+        problems: list[str] = []
+        for key, rid in self._leased.items():
+            waiter = self._granted.get(key)
+            if waiter is not None:
+                future = waiter.future
+                if waiter.request_id != rid or not future.done() or future.cancelled() or (
+                    future.exception() is not None or future.result() != key
+                ):
+                    problems.append(f"phone {key} is leased to {rid} but granted to an unresolved waiter")
+            elif self._running.get(rid, ("",))[0] != key:
+                problems.append(f"phone {key} is leased to {rid}, which neither runs on it nor was granted it")
+        for rid, (key, _) in self._running.items():
+            if self._leased.get(key) != rid:
+                problems.append(f"request {rid} runs on phone {key} without holding its lease")
+        problems += [f"granted phone {key} is not leased" for key in self._granted if key not in self._leased]
+        for model, queue in self._queues.items():
+            live = [w for w in queue if not w.future.done()]
+            if not live:
+                continue
+            serving = self._of_model(model, _SERVING)
+            for key in self._idle(model):
+                stuck = [w.request_id for w in live if self._may_use(w, key, serving)]
+                if stuck:
+                    problems.append(f"phone {key} is idle while {len(stuck)} request(s) may use it wait")
+        return problems
 
     async def aclose(self) -> None:
         for queue in self._queues.values():

@@ -43,6 +43,7 @@ class DoublePhone:
     fail_before: int = 0  # the next N requests fail before their first token
     fail_after_first: int = 0  # the next N requests fail right after their first token
     after_failure: PhoneState = PhoneState.READY  # the state a failure leaves it in
+    steps: int = 0  # event-loop turns a request takes on the phone: before its first token, after, and to end
     served: list[str] = field(default_factory=list)  # request ids, in start order
     _gate: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -62,6 +63,7 @@ class DoublePhone:
         after = PhoneState.READY
         try:
             yield Started(rid, len(params.prompt_ids), 0, self.key)
+            await self._turns()
             if self.fail_before:
                 self.fail_before -= 1
                 after = self.after_failure
@@ -71,13 +73,21 @@ class DoublePhone:
                 self.fail_after_first -= 1
                 after = self.after_failure
                 raise PhoneLost(f"{self.key} died during {rid}")
+            await self._turns()
             if self.hold:
                 self._gate.clear()
                 await self._gate.wait()
             yield Finished(rid, "length", len(params.prompt_ids), 1, 1.0, 1.0)
         finally:
-            if self.state is PhoneState.BUSY:
-                self.set_state(after)
+            try:
+                await self._turns()  # letting go takes a while too (a real phone confirms a cancel)
+            finally:  # even when a second cancel cuts that short
+                if self.state is PhoneState.BUSY:
+                    self.set_state(after)
+
+    async def _turns(self) -> None:
+        for _ in range(self.steps):
+            await asyncio.sleep(0)
 
     async def cancel(self, request_id: str) -> None:
         self.release()

@@ -35,6 +35,7 @@ class PoolStack(OpenAIClients):
     labs: list[SimLab]
     settings: Settings
     named: dict[str, SimPhone]  # a1..a4, b1, b2 as drawn above
+    app: Any = field(default=None, repr=False)
     _client: openai.OpenAI | None = field(default=None, repr=False)
 
     # -- phones ---------------------------------------------------------------------------------
@@ -70,6 +71,12 @@ class PoolStack(OpenAIClients):
         finally:
             for k, v in old.items():
                 setattr(self.settings, k, v)
+
+    def pool_audit(self) -> list[str]:
+        """The server's ``PhonePool.audit()``. Read from the test's thread: only when nothing runs
+        (every phone idle, no request in flight), when the pool's dicts do not change."""
+        problems: list[str] = self.app.state.backend.audit()
+        return problems
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -114,10 +121,11 @@ def pool_stack() -> Iterator[PoolStack]:
             stall_timeout_s=3.0, cancel_timeout_s=2.0, ready_timeout_s=30.0, sse_ping_s=0.25,
             queue_timeout_s=30.0,
         )
-        server = stack.enter_context(ServerThread(create_app(settings)))
+        app = create_app(settings)
+        server = stack.enter_context(ServerThread(app))
         named = {f"a{i + 1}": p for i, p in enumerate(lab_a.phones)}
         named.update({f"b{i + 1}": p for i, p in enumerate(lab_b.phones)})
-        ps = PoolStack(f"http://127.0.0.1:{server.port}", [lab_a, lab_b], settings, named)
+        ps = PoolStack(f"http://127.0.0.1:{server.port}", [lab_a, lab_b], settings, named, app)
         ps.wait_devices("six phones ready", lambda ds: len(ds) == 6 and all(
             d["state"] == "ready" for d in ds.values()), timeout=60)
         for model in (FP16, W8):  # the tokenizer loads once for both (same tokenizer.json)

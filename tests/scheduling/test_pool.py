@@ -73,6 +73,26 @@ async def test_a_full_queue_is_overloaded_with_a_retry_estimate() -> None:
     await asyncio.gather(*tasks)
 
 
+async def test_a_full_queue_never_refuses_a_request_an_idle_phone_can_take() -> None:
+    """The queue is full of a request that may not use the idle phone (a retry avoiding the phone
+    that failed it while another phone serves): a new request takes that idle phone, no 429."""
+    pool, phones = make_pool(2, max_queue=1)
+    p0, p1 = phones["p0"], phones["p1"]
+    p0.hold = True
+    held = asyncio.ensure_future(run(pool, "b"))  # p0 (idle longest) holds b
+    await until(lambda: pool.running() == 1)
+    p1.fail_before = 1
+    retried = asyncio.ensure_future(run(pool, "r0"))  # fails on p1, then waits for p0
+    await until(lambda: pool.queue_depth("m") == 1)
+    assert p1.served == ["r0"] and p1.state is PhoneState.READY and pool.audit() == []
+    events = await asyncio.wait_for(run(pool, "new"), 1.0)  # was: Overloaded, "queue full"
+    assert p1.served == ["r0", "new"] and isinstance(events[-1], Finished)
+    p0.hold = False
+    p0.release()
+    await asyncio.wait_for(asyncio.gather(held, retried), 1.0)
+    assert p0.served == ["b", "r0"] and pool.audit() == [] and pool.leased() == 0
+
+
 async def test_a_request_waits_no_longer_than_the_queue_limit() -> None:
     pool, phones = make_pool(1, queue_timeout_s=0.1)
     phones["p0"].hold = True
@@ -155,8 +175,24 @@ async def test_waiters_fail_at_once_when_the_last_phone_of_their_model_goes_away
         await asyncio.wait_for(waiter, 1.0)
     phone.release()
     await running
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(NoPhoneAvailable) as e:  # served until now: its phone may come back (not a 404)
         await run(pool, "r2")
+    assert e.value.status_code == 503 and e.value.retry_after >= 1.0
+    phone.hold = False
+    phone.set_state(PhoneState.READY)  # plugged back in
+    assert isinstance((await asyncio.wait_for(run(pool, "r3"), 1.0))[-1], Finished)
+
+
+async def test_a_model_never_served_is_not_found_and_a_model_gone_is_unavailable() -> None:
+    pool, phones = make_pool(1)
+    with pytest.raises(ModelNotFound):
+        await run(pool, "r0", model="never-served")
+    phones["p0"].set_state(PhoneState.OFFLINE)  # every phone unplugged
+    with pytest.raises(NoPhoneAvailable):
+        await run(pool, "r1")
+    with pytest.raises(ModelNotFound):  # still a 404: that name was never served
+        await run(pool, "r2", model="never-served")
+    assert pool.audit() == [] and pool.leased() == 0
 
 
 async def test_queued_work_goes_to_the_remaining_phones_when_one_goes_away() -> None:

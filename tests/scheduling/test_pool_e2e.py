@@ -5,6 +5,7 @@ FIFO order, phones crashing, quarantine, hotplug, /v1/devices."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 from collections.abc import Iterator
@@ -157,6 +158,41 @@ def test_a_request_waits_no_longer_than_the_queue_limit(stack: PoolStack) -> Non
     assert 0.5 <= waited < 2.0
 
 
+async def test_waves_of_queue_timeouts_leave_no_phone_wedged(stack: PoolStack) -> None:
+    """Issue 10: bursts larger than the phones can serve, a short queue timeout. A phone granted to a
+    request just as its wait timed out was never given back: after a few waves every request got
+    503 while /v1/devices showed the phones ready and idle."""
+    w8 = [stack.sim("a4"), stack.sim("b2")]
+    outcomes: collections.Counter[str] = collections.Counter()
+    with stack.tuned(queue_timeout_s=1.0, max_queue=200):
+        async with stack.async_client(timeout=60) as client:
+
+            async def one() -> None:
+                try:
+                    await client.completions.create(model=W8, prompt=PROMPT, max_tokens=400)
+                    outcomes["ok"] += 1
+                except openai.APIStatusError as e:
+                    outcomes[f"{e.status_code} {e.code}"] += 1
+
+            for _ in range(3):
+                await asyncio.wait_for(asyncio.gather(*(one() for _ in range(150))), 120)
+    assert outcomes["ok"] > 0 and outcomes["503 queue_timeout"] > 0, outcomes
+    assert set(outcomes) == {"ok", "503 queue_timeout"}, outcomes
+    await asyncio.to_thread(stack.wait_all_idle)
+    assert stack.pool_audit() == []  # at rest: no phone leased, nothing queued or running
+    # both phones serve again, together: neither is held by a request long gone
+    with stack.knobs(w8, slow_first_token_s=0.5), stack.tuned(queue_timeout_s=10.0):
+        async with stack.async_client() as client:
+            results = await asyncio.gather(*(
+                client.completions.create(model=W8, prompt=PROMPT, max_tokens=2,
+                                          extra_body={"return_timings": True})
+                for _ in w8
+            ))
+    assert {r.model_extra["timings"]["phone"] for r in results} == {s.serial for s in w8}  # type: ignore[index]
+    devices = await asyncio.to_thread(stack.devices)
+    assert all(devices[s.serial]["state"] == "ready" for s in w8)
+
+
 def test_waiting_requests_get_phones_in_arrival_order(stack: PoolStack) -> None:
     """Two w8 phones, eight requests at once: the order in which requests reach the pool is the order
     in which they get a phone (both taken from the server's own timeline)."""
@@ -279,6 +315,50 @@ async def test_phones_added_and_removed_under_load(stack: PoolStack) -> None:
     model = stack.client().models.retrieve(FP16).model_extra  # type: ignore[union-attr]
     assert model is not None and gone.serial not in json.dumps(model["phones"])
     assert any(new.serial in p for p in model["phones"])
+
+
+def test_a_model_whose_phones_are_all_unplugged_is_503_with_retry_after_not_404(stack: PoolStack) -> None:
+    """Issue 10: with every phone of a model unplugged, requests got 404 model_not_found, which the
+    openai clients take as permanent. A model served until now is 503 with Retry-After on every
+    endpoint that names it; a name never served stays 404; plugged back in, it serves again."""
+    w8 = [(stack.labs[0], stack.sim("a4")), (stack.labs[1], stack.sim("b2"))]
+    client = stack.client()
+    chat = [{"role": "user", "content": PROMPT}]
+    try:
+        for lab, sim in w8:
+            lab.adb("disconnect", sim.serial)
+        stack.wait_devices("the w8 phones offline", lambda ds: all(
+            ds[sim.serial]["state"] == "offline" for _, sim in w8))
+        calls = {
+            "completion": lambda: client.completions.create(model=W8, prompt=PROMPT, max_tokens=2),
+            "streamed completion": lambda: client.completions.create(model=W8, prompt=PROMPT, max_tokens=2,
+                                                                     stream=True),
+            "chat": lambda: client.chat.completions.create(model=W8, messages=chat, max_tokens=2),  # type: ignore[arg-type]
+            "streamed chat": lambda: client.chat.completions.create(model=W8, messages=chat, max_tokens=2,  # type: ignore[arg-type]
+                                                                    stream=True),
+            "model": lambda: client.models.retrieve(W8),
+            "n=2": lambda: client.completions.create(model=W8, prompt=PROMPT, max_tokens=2, n=2),
+        }
+        for what, call in calls.items():
+            with pytest.raises(openai.InternalServerError) as e:
+                call()
+            response = e.value.response
+            assert response.status_code == 503 and e.value.code == "no_phone_available", what
+            assert int(response.headers["retry-after"]) >= 1 and int(response.headers["retry-after-ms"]) >= 1000
+        r = httpx.post(stack.base_url + "/tokenize", json={"model": W8, "prompt": PROMPT}, timeout=5)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_phone_available"
+        with pytest.raises(openai.NotFoundError):  # a name never served: still 404
+            client.completions.create(model="qwen3.5-9b", prompt=PROMPT, max_tokens=2)
+        # /v1/models lists what can be served now; the other model is untouched
+        assert [m.id for m in client.models.list()] == [FP16]
+        assert client.completions.create(model=FP16, prompt=PROMPT, max_tokens=2).choices[0].text
+    finally:
+        for lab, sim in w8:
+            lab.adb("connect", sim.serial)
+        stack.wait_devices("the w8 phones back", lambda ds: all(
+            ds[sim.serial]["state"] == "ready" for _, sim in w8), timeout=60)
+    assert sorted(m.id for m in client.models.list()) == sorted([FP16, W8])
+    assert client.completions.create(model=W8, prompt=PROMPT, max_tokens=2).choices[0].finish_reason == "length"
 
 
 # --------------------------------------------------------------------------- /v1/devices
