@@ -1,10 +1,15 @@
-"""The simulated decode loop: timing model, limits, conversation state and fault knobs.
+"""The simulated decode loop: timing model, limits, the phone's state and checkpoints, fault knobs.
 
-Shared by the one-shot CLI and session protocol v1 (server.sim.runtime / server.sim.session).
-Time is deadline-based: after prefill, token k is due at ``t0 + k * step`` whatever the time spent
-producing earlier ones, so the measured rate matches ``decode_tps`` instead of drifting below it.
-Every wait is on the request's cancel event, so ``cancel`` takes effect at once (well inside one
-token time).
+Shared by the one-shot CLI and session protocol v1.1 (server.sim.runtime / server.sim.session).
+Time is deadline-based: the prompt is processed token by token (``prefill_factor`` decode steps per
+token; a ``restore`` and each ``save`` add ``checkpoint_ms``), then token k is due at
+``t0 + k * step`` whatever the time spent producing earlier ones, so the measured rate matches
+``decode_tps`` instead of drifting below it. Every wait is on the request's cancel event, so
+``cancel`` takes effect at once (well inside one token time).
+
+What is generated is a function of the whole state at the start of decoding (start state + prompt,
+:meth:`TextModel.continue_from`), never of how that state was reached (reset, continuation or
+restore), so a host that reuses a wrong state gets different tokens.
 """
 
 from __future__ import annotations
@@ -16,16 +21,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Literal
 
-from server.sim.generation import TextModel, request_rng, steer
+from server.sim.generation import TextModel
 from server.sim.simconfig import SimConfig, SimConfigWatcher
+from server.sim.state import BadCheckpoint, PhoneState, Save
 
 logger = logging.getLogger(__name__)
 
 Reason = Literal["stop", "length", "cancelled"]
 CRASH_EXIT_CODE = 134  # what an abort() (SIGABRT) looks like to a shell
 HANG_POLL_S = 0.05
+
+__all__ = ["BadCheckpoint", "ContextOverflow", "Engine", "GenRequest", "GenResult", "Save"]
 
 
 @dataclass(slots=True)
@@ -39,6 +48,8 @@ class GenRequest:
     seed: int | None = None
     stop_ids: list[int] = field(default_factory=list)
     reset: bool = True
+    restore: int | None = None  # v1.1: start from this slot (precedence over reset)
+    save: list[Save] = field(default_factory=list)  # v1.1: checkpoints to take while prefilling
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -51,14 +62,15 @@ class GenResult:
     completion_tokens: int
     prefill_ms: float
     decode_ms: float
+    saved: list[Save] = field(default_factory=list)  # checkpoints actually written, in order
 
 
 class ContextOverflow(ValueError):
-    """The prompt (plus the state kept by ``reset: false``) does not fit in the context."""
+    """The prompt (plus the state it starts from) does not fit in the context."""
 
 
 class Engine:
-    """One loaded model: holds the conversation state between requests of a session."""
+    """One loaded model: holds the phone's state and checkpoint slots between requests of a session."""
 
     def __init__(
         self,
@@ -67,6 +79,7 @@ class Engine:
         *,
         precision: str,
         max_context: int,
+        checkpoints: int = 0,
         shutdown: threading.Event | None = None,
     ) -> None:
         self._model = model
@@ -74,15 +87,21 @@ class Engine:
         self._precision = precision
         self.max_context = max_context
         self.shutdown = shutdown or threading.Event()  # set at session end: releases a hang
-        self.state: list[int] = []  # tokens held in conv/SSM/KV state
+        self.phone = PhoneState(checkpoints)
+
+    @property
+    def checkpoints(self) -> int:
+        """Checkpoint slots of this process (0: a v1 runtime)."""
+        return self.phone.checkpoints
 
     def state_tokens(self, req: GenRequest) -> int:
-        """Tokens held in state before ``req``'s prompt (0 when it resets)."""
-        return 0 if req.reset else len(self.state)
+        """Tokens in the state ``req`` starts from (0 after reset, the slot's length after restore)."""
+        return len(self.phone.start(reset=req.reset, restore=req.restore))
 
     def check(self, req: GenRequest) -> None:
-        """Raise :class:`ContextOverflow` when the prompt cannot be accepted."""
+        """Raise :class:`BadCheckpoint` or :class:`ContextOverflow` when ``req`` cannot be accepted."""
         held = self.state_tokens(req)
+        self.phone.check_saves(req.save, held, len(req.prompt_ids))
         if held + len(req.prompt_ids) > self.max_context:
             raise ContextOverflow(
                 f"prompt of {len(req.prompt_ids)} tokens + {held} in state exceeds the context of "
@@ -90,6 +109,10 @@ class Engine:
             )
         if held + len(req.prompt_ids) == 0:
             raise ContextOverflow("empty prompt and no state to continue from")
+
+    def poison(self) -> None:
+        """A request error: the live state becomes undefined (the slots are kept)."""
+        self.phone.poison(self.phone.live)
 
     def run(
         self,
@@ -99,22 +122,21 @@ class Engine:
     ) -> GenResult:
         """Prefill then decode; ``emit(id, t_ms)`` per generated token. Call :meth:`check` first."""
         cfg = self._watcher.current()
-        context = ([] if req.reset else list(self.state)) + list(req.prompt_ids)
-        self.state = context  # from here on the state holds the prompt (cancel keeps it too)
-        step = cfg.decode_step_s(self._precision)
-        budget = min(req.max_new, self.max_context - len(context))
-
         t_start = time.monotonic()
-        if self._wait_until(t_start + len(req.prompt_ids) * step * cfg.prefill_factor, req):
-            return self._finish("cancelled", req, 0, t_start, time.monotonic(), time.monotonic())
+        saved: list[Save] = []
+        if not self._prefill(req, cfg, t_start, saved):
+            now = time.monotonic()
+            return self._finish("cancelled", req, 0, t_start, now, now, saved)
+        state = self.phone.live  # start state + prompt: what the output is a function of
+        step = cfg.decode_step_s(self._precision)
+        budget = min(req.max_new, self.max_context - len(state))
         t_dec = time.monotonic()
         prefill_end = t_dec
         t_dec += cfg.slow_first_token_s  # real seconds: meant for stall tests even at speed 0
 
-        steering = steer(self._model.decode(context), think=cfg.think, tool_call=cfg.tool_call)
-        rng = request_rng(context, req.temperature, req.seed)
-        stream = self._model.stream(steering, rng, req.stop_ids, stop_rate=cfg.stop_rate,
-                                    min_tokens=cfg.min_tokens)
+        stream = self._model.continue_from(state, temperature=req.temperature, seed=req.seed,
+                                           stop_ids=req.stop_ids, think=cfg.think, tool_call=cfg.tool_call,
+                                           stop_rate=cfg.stop_rate, min_tokens=cfg.min_tokens)
         sent = 0
         reason: Reason = "length"
         while sent < budget:
@@ -124,20 +146,52 @@ class Engine:
             t_dec += self._hang_while_set(cfg)
             if self._wait_until(t_dec + (sent + 1) * step, req):
                 reason = "cancelled"
+                self.phone.poison(state)
                 break
             token = next(stream)
             if token in req.stop_ids:
-                reason = "stop"
+                reason = "stop"  # the stop id is never fed: it is not in the state
                 break
             if sent == 0 and cfg.garbage:
                 garbage()
             emit(token, round(time.monotonic() * 1000.0, 3))
-            self.state.append(token)
+            state.append(token)
             sent += 1
-        return self._finish(reason, req, sent, t_start, prefill_end, time.monotonic())
+        return self._finish(reason, req, sent, t_start, prefill_end, time.monotonic(), saved)
 
-    def _finish(self, reason: Reason, req: GenRequest, sent: int, t0: float, t1: float, t2: float) -> GenResult:
-        return GenResult(reason, len(req.prompt_ids), sent, round((t1 - t0) * 1000, 3), round((t2 - t1) * 1000, 3))
+    def _prefill(self, req: GenRequest, cfg: SimConfig, t_start: float, saved: list[Save]) -> bool:
+        """Restore or reset, then process the prompt token by token, saving on the way.
+
+        Returns False when cancelled (the live state is then poisoned; slots written so far stay).
+        """
+        state = self.phone.start(reset=req.reset, restore=req.restore)
+        held, prompt = len(state), req.prompt_ids
+        self.phone.live = state
+        token_s = cfg.decode_step_s(self._precision) * cfg.prefill_factor
+        checkpoint_s = cfg.checkpoint_s()
+        deadline = t_start + (checkpoint_s if req.restore is not None else 0.0)
+        done = 0  # prompt tokens in the state
+        for save in [*sorted(req.save, key=attrgetter("at")), None]:
+            upto = len(prompt) if save is None else save.at - held
+            segment_start = deadline
+            deadline += (upto - done) * token_s
+            if self._wait_until(deadline, req):
+                elapsed = time.monotonic() - segment_start
+                extra = upto - done if token_s <= 0 else min(upto - done, max(0, int(elapsed / token_s)))
+                self.phone.poison(state + prompt[done : done + extra])
+                return False
+            state.extend(prompt[done:upto])
+            done = upto
+            if save is not None:
+                self.phone.save(save.slot, state)
+                saved.append(save)
+                deadline += checkpoint_s
+        return True
+
+    def _finish(self, reason: Reason, req: GenRequest, sent: int, t0: float, t1: float, t2: float,
+                saved: list[Save]) -> GenResult:
+        return GenResult(reason, len(req.prompt_ids), sent, round((t1 - t0) * 1000, 3), round((t2 - t1) * 1000, 3),
+                         saved)
 
     def _wait_until(self, deadline: float, req: GenRequest) -> bool:
         """Sleep until ``deadline``; True if the request was cancelled (checked even when late)."""

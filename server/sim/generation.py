@@ -109,6 +109,29 @@ class TextModel:
         """Context text with special tokens spelled out (for steering)."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def continue_from(
+        self,
+        state: Sequence[int],
+        *,
+        temperature: float,
+        seed: int | None,
+        stop_ids: Sequence[int],
+        think: bool | None,
+        tool_call: bool | None,
+        stop_rate: float,
+        min_tokens: int,
+    ) -> Iterator[int]:
+        """What follows ``state``, the *whole* token sequence held when decoding starts.
+
+        The only way the engine asks for text: steering and RNG both read the full sequence, so for
+        greedy (or seeded) requests the output depends on the sequence alone, not on how the state
+        was reached (reset, continuation, restore), and a state that is off by one token gives
+        different output.
+        """
+        steering = steer(self.decode(state), think=think, tool_call=tool_call)
+        rng = request_rng(state, temperature, seed)
+        return self.stream(steering, rng, stop_ids, stop_rate=stop_rate, min_tokens=min_tokens)
+
     def stream(
         self,
         steering: Steering,

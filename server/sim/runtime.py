@@ -1,4 +1,4 @@
-"""The simulated ``qhx_generate``: one-shot CLI and session protocol v1 (device-protocol.md).
+"""The simulated ``qhx_generate``: one-shot CLI and session protocol v1.1 (device-protocol.md).
 
 Run on the simulated phone by the staged launcher, in the device root (``/data/local/tmp/wq``)::
 
@@ -14,8 +14,8 @@ Run on the simulated phone by the staged launcher, in the device root (``/data/l
   ``max_new`` tokens are generated (greedy; stopping at the manifest's ``eos_ids``) and written to
   stdout as raw token bytes, flushed per token (a multi-byte character may span writes), then a stats
   line goes to stderr; exit 0.
-* ``-``: session protocol v1 (server.sim.session); ``max_new`` on the command line caps every
-  request's ``max_new``.
+* ``-``: session protocol v1.1 (server.sim.session); ``max_new`` on the command line caps every
+  request's ``max_new``; ``ready`` advertises the ``checkpoints`` knob's slots (none: a v1 runtime).
 
 Timing and fault knobs come from ``$QHX_SIM_SANDBOX/sim.json`` (server.sim.simconfig; see
 docs/simulator.md). Imports stay light (stdlib + tokenizers): a process starts per session and, in
@@ -174,11 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(remaining)
     load_ms = round((time.monotonic() - t0) * 1000, 1)
     logger.info("model loaded in %.0f ms (max_context %d)", load_ms, bundle.max_context)
-    engine = Engine(model, watcher, precision=bundle.precision, max_context=bundle.max_context)
+    # Slots are process memory: their number is read once, here (the `checkpoints` knob).
+    engine = Engine(model, watcher, precision=bundle.precision, max_context=bundle.max_context,
+                    checkpoints=cfg.checkpoints if session else 0)
     if session:
-        out.send({"ev": "ready", "proto": 1, "model": bundle.family, "precision": bundle.precision,
-                  "max_context": bundle.max_context, "vocab_size": bundle.vocab_size, "load_ms": load_ms,
-                  "soc": soc, "arch": bundle.arch})
+        ready = {"ev": "ready", "proto": 1, "model": bundle.family, "precision": bundle.precision,
+                 "max_context": bundle.max_context, "vocab_size": bundle.vocab_size, "load_ms": load_ms,
+                 "soc": soc, "arch": bundle.arch}
+        if engine.checkpoints:  # v1.1; without slots the runtime is a plain v1 one
+            ready["checkpoints"] = engine.checkpoints
+        out.send(ready)
         return Session(engine, out, max_new_cap=bundle.max_new, vocab_size=bundle.vocab_size).serve(sys.stdin.buffer)
     return run_oneshot(engine, model, bundle)
 

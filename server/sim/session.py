@@ -1,4 +1,4 @@
-"""Session protocol v1 (device-protocol.md section 3), phone side.
+"""Session protocol v1.1 (device-protocol.md section 3), phone side.
 
 Threads: the main thread reads stdin and answers ``ping``/``cancel``/``busy``/``bad_request`` at
 once; one worker thread runs generations, so a ``ping`` is answered while tokens are flowing.
@@ -7,10 +7,15 @@ Every event is written as one JSON line under a lock and flushed, so lines never
 Details the contract leaves open, as implemented here:
 
 * ``max_new`` of a request is capped by the ``max_new`` of the command line.
-* state after a request (what ``reset: false`` continues from) = its context (kept state + prompt)
-  + the ids sent as ``tok``; the stop id is not part of it (it was sampled, never decoded).
+* state after a request (what ``reset: false`` continues from) = its start state + prompt + the
+  ids sent as ``tok``; the stop id is not part of it (it was sampled, never decoded). After a
+  cancel, or an error while idle (``bad_request``, ``context_overflow``), the state is undefined and
+  poisoned (server.sim.state). ``busy`` and errors that arrive while a request runs concern other
+  lines: the running request's ``done`` still defines the state.
 * ``completion_tokens`` counts the ids sent as ``tok`` (the stop id excluded).
-* a request error (``busy``, ``bad_request``, ``context_overflow``) leaves the state untouched.
+* v1.1 checkpoints when the process has slots (``checkpoints`` knob > 0): ``ready`` says how many,
+  ``restore``/``save`` are read, ``start`` has ``restored`` and ``done`` has ``saved``. With 0 slots
+  the process is a v1 runtime: those fields are unknown, hence ignored, and never sent.
 * malformed lines get ``bad_request`` with ``id: null`` when no id can be read; the session stays
   alive (only ``code: runtime`` errors are fatal here). Blank lines are ignored.
 * stdin EOF cancels the running request (its ``done`` is still written), then the process exits 0.
@@ -26,7 +31,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from server.sim.engine import ContextOverflow, Engine, GenRequest
+from server.sim.engine import BadCheckpoint, ContextOverflow, Engine, GenRequest
+from server.sim.state import MAX_SAVES, Save
 
 GARBAGE_LINE = b"QnnDsp <W> fastrpc: unexpected log flush \x1b[0m ##%%@@ (not json\n"
 
@@ -105,7 +111,14 @@ class Session:
             else:
                 raise BadRequest(f"unknown op {op!r}")
         except BadRequest as exc:
+            self._poison_if_idle()
             self._error(msg_id, "bad_request", str(exc))
+
+    def _poison_if_idle(self) -> None:
+        # An error while idle leaves the state undefined; while a request runs, its `done` decides.
+        with self._lock:
+            if self._current is None:
+                self._engine.poison()
 
     def _cancel(self, request_id: str) -> None:
         # A cancel for a request that already finished (or never existed) is a harmless race.
@@ -129,20 +142,29 @@ class Session:
         while (req := self._queue.get()) is not None:
             try:
                 self._engine.check(req)
-            except ContextOverflow as exc:
+            except (BadCheckpoint, ContextOverflow) as exc:
+                self._engine.poison()
                 self._idle()
-                self._error(req.id, "context_overflow", str(exc))
+                code = "bad_request" if isinstance(exc, BadCheckpoint) else "context_overflow"
+                self._error(req.id, code, str(exc))
                 continue
-            self._out.send({"ev": "start", "id": req.id, "prompt_tokens": len(req.prompt_ids),
-                            "state_tokens": self._engine.state_tokens(req)})
+            start: dict[str, Any] = {"ev": "start", "id": req.id, "prompt_tokens": len(req.prompt_ids),
+                                     "state_tokens": self._engine.state_tokens(req)}
+            if self._engine.checkpoints:
+                start["restored"] = req.restore
+            self._out.send(start)
             result = self._engine.run(req, functools.partial(self._send_tok, req.id),
                                       garbage=lambda: self._out.raw(GARBAGE_LINE))
             # Idle *before* `done` is written: a host that sends the next generate as soon as it
             # reads `done` must never be told `busy`.
             self._idle()
-            self._out.send({"ev": "done", "id": req.id, "reason": result.reason,
-                            "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                            "prefill_ms": result.prefill_ms, "decode_ms": result.decode_ms})
+            done: dict[str, Any] = {
+                "ev": "done", "id": req.id, "reason": result.reason, "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens, "prefill_ms": result.prefill_ms,
+                "decode_ms": result.decode_ms}
+            if self._engine.checkpoints:
+                done["saved"] = [{"slot": s.slot, "tokens": s.at} for s in result.saved]
+            self._out.send(done)
 
     def _send_tok(self, request_id: str | None, token: int, t_ms: float) -> None:
         self._out.send({"ev": "tok", "id": request_id, "ids": [token], "t_ms": t_ms})
@@ -179,8 +201,31 @@ class Session:
         reset = msg.get("reset", True)
         if not isinstance(reset, bool):
             raise BadRequest("reset must be a boolean")
-        return GenRequest(id=request_id, prompt_ids=prompt_ids, max_new=min(max_new, self._max_new_cap),
-                          temperature=temperature, seed=seed, stop_ids=stop_ids, reset=reset)
+        req = GenRequest(id=request_id, prompt_ids=prompt_ids, max_new=min(max_new, self._max_new_cap),
+                         temperature=temperature, seed=seed, stop_ids=stop_ids, reset=reset)
+        if self._engine.checkpoints:  # a v1 runtime (no slots) ignores these as unknown fields
+            req.restore, req.save = _parse_checkpoints(msg)
+        return req
+
+
+def _parse_checkpoints(msg: Mapping[str, Any]) -> tuple[int | None, list[Save]]:
+    """``restore`` (a slot or null) and ``save`` (at most 2 ``{"slot", "at"}``); ranges are the engine's."""
+    restore = msg.get("restore")
+    if restore is not None and not _is_int(restore):
+        raise BadRequest("restore must be a slot number or null")
+    raw = msg.get("save")
+    if raw is None:
+        return restore, []
+    if not isinstance(raw, list):
+        raise BadRequest('save must be a list of {"slot": S, "at": P}')
+    if len(raw) > MAX_SAVES:
+        raise BadRequest(f"save: at most {MAX_SAVES} per request, got {len(raw)}")
+    saves = []
+    for item in raw:
+        if not isinstance(item, dict) or not _is_int(item.get("slot")) or not _is_int(item.get("at")):
+            raise BadRequest('save must be a list of {"slot": S, "at": P} with integer S and P')
+        saves.append(Save(slot=item["slot"], at=item["at"]))
+    return restore, saves
 
 
 def _require_id(msg: Mapping[str, Any]) -> str:

@@ -7,6 +7,7 @@ timing (read at the start of each request; all simulated durations are divided b
   ``speed`` 1.0              time divisor; ``0`` or ``"max"``: no sleeps at all
   ``decode_tps`` null        decode tokens/s; null = by the bundle precision (fp16 22.7, w8 24.2)
   ``prefill_factor`` 0.7     cost of one prompt token as a fraction of one decode step
+  ``checkpoint_ms`` 5        cost of one checkpoint ``save`` or ``restore`` (v1.1), in simulated ms
 
 text (read at the start of each request)
   ``stop_rate`` 0.02         per-token chance of ending the answer (once ``min_tokens`` are out);
@@ -16,6 +17,11 @@ text (read at the start of each request)
                              ``<think>`` (Qwen generation prompt with thinking on)
   ``tool_call`` null         true: always emit a tool call; false: never; null: when the prompt has
                              ``<tools>`` and its last user turn is not a ``<tool_response>``
+
+session (read once, when a session process starts)
+  ``checkpoints`` 4          checkpoint slots advertised in ``ready`` (session protocol v1.1);
+                             0: a v1 runtime (no ``checkpoints`` in ``ready``, ``restore``/``save``
+                             ignored as unknown fields)
 
 faults (checked at request start and before every token)
   ``crash_after`` null       int N: the process exits abruptly (code 134) after N tokens of a request
@@ -52,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "speed": 1.0,
     "decode_tps": None,
     "prefill_factor": 0.7,
+    "checkpoint_ms": 5.0,
+    "checkpoints": 4,
     "stop_rate": 0.02,
     "min_tokens": 8,
     "think": None,
@@ -72,6 +80,8 @@ class SimConfig:
     speed: float = 1.0  # 0 = as fast as possible
     decode_tps: float | None = None
     prefill_factor: float = 0.7
+    checkpoint_ms: float = 5.0
+    checkpoints: int = 4
     stop_rate: float = 0.02
     min_tokens: int = 8
     think: bool | None = None
@@ -111,6 +121,10 @@ class SimConfig:
         """Real seconds per decoded token for a bundle of this precision."""
         tps = self.decode_tps or DECODE_TPS.get(precision, DECODE_TPS["fp16"])
         return self.scale(1.0 / tps)
+
+    def checkpoint_s(self) -> float:
+        """Real seconds one checkpoint ``save`` or ``restore`` takes."""
+        return self.scale(self.checkpoint_ms / 1000.0)
 
 
 def _check(name: str, value: Any, annotation: Any) -> Any:

@@ -86,6 +86,7 @@ def test_ready_is_first_and_describes_the_bundle(session: RuntimeSession, shared
     assert shared.ready == {
         "ev": "ready", "proto": 1, "model": "qwen3.5-0.8b", "precision": "fp16", "max_context": 1024,
         "vocab_size": 248320, "load_ms": shared.ready["load_ms"], "soc": "SM8850", "arch": "v81",
+        "checkpoints": 4,  # v1.1, the knob's default
     }
     assert isinstance(shared.ready["load_ms"], float)
 
@@ -93,13 +94,13 @@ def test_ready_is_first_and_describes_the_bundle(session: RuntimeSession, shared
 def test_generate_sends_start_toks_done(session: RuntimeSession, knobs: Knobs) -> None:
     knobs(stop_rate=0)
     events = session.generate("g1", [9419, 11, 1814], 12, temperature=0, stop_ids=STOPS)
-    assert events[0] == {"ev": "start", "id": "g1", "prompt_tokens": 3, "state_tokens": 0}
+    assert events[0] == {"ev": "start", "id": "g1", "prompt_tokens": 3, "state_tokens": 0, "restored": None}
     body, done = events[1:-1], events[-1]
     assert [e["ev"] for e in body] == ["tok"] * 12
     assert all(len(e["ids"]) == 1 and isinstance(e["t_ms"], float) for e in body)
     t_ms = [e["t_ms"] for e in body]
     assert t_ms == sorted(t_ms)
-    assert done["ev"] == "done" and done["reason"] == "length"
+    assert done["ev"] == "done" and done["reason"] == "length" and done["saved"] == []
     assert (done["prompt_tokens"], done["completion_tokens"]) == (3, 12)
     assert done["prefill_ms"] >= 0 and done["decode_ms"] >= 0
 
@@ -185,7 +186,7 @@ def test_context_fills_up_with_length_and_state_counts_towards_it(session: Runti
     assert len(toks(events)) == 4 and events[-1]["reason"] == "length"
     over = session.generate("more", [1], 1, reset=False)
     assert over[0]["code"] == "context_overflow"
-    # the failed request left the state alone
+    # an error leaves the state undefined (v1.1): the host starts again from a reset
     session.generate("base", [1] * 1000, 4)
     assert session.generate("cont", [1] * 10, 2, reset=False)[0]["state_tokens"] == 1004
 
