@@ -1,7 +1,8 @@
 """Test helpers: run the simulated ``qhx_generate`` in a staged sandbox, as the phone's shell would.
 
 The runtime is started through the staged launcher with cwd = ``<sandbox>/data/local/tmp/wq`` and
-``QHX_SIM_SANDBOX`` set, exactly as the simulated adbd runs it (minus adb itself).
+``QHX_SIM_SANDBOX`` set, exactly as the simulated adbd runs it (minus adb itself). tests/sim/adb_session.py
+speaks the same protocol to a phone through the real adb server.
 """
 
 from __future__ import annotations
@@ -48,41 +49,24 @@ def run_cli(sandbox: Path, args: list[str], timeout: float = 60) -> subprocess.C
                           stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
 
 
-class RuntimeSession:
-    """A session-mode runtime process with a reader thread; events come back parsed, with arrival time."""
+class ProtocolClient:
+    """The host end of a session: request lines out, events back parsed with their arrival time.
 
-    def __init__(self, sandbox: Path, *, bundle: str = "qwen35", max_new: int = 1024) -> None:
-        self.proc = subprocess.Popen(["./qhx_generate", *cli_args(bundle, max_new)], cwd=wq(sandbox),
-                                     env=phone_env(sandbox), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+    Subclasses own the transport: they implement :meth:`send_raw` and feed stdout lines (None at
+    EOF) into ``self._lines`` and stderr bytes into ``self.stderr``.
+    """
+
+    def __init__(self) -> None:
         self._lines: queue.Queue[tuple[float, bytes | None]] = queue.Queue()
         self.stderr = bytearray()
-        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for t in self._threads:
-            t.start()
 
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put((time.monotonic(), line))
-        self._lines.put((time.monotonic(), None))
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for chunk in self.proc.stderr:
-            self.stderr += chunk
+    def send_raw(self, line: bytes) -> float:
+        """Send bytes as they are; returns the send time (monotonic)."""
+        raise NotImplementedError
 
     def send(self, **msg: Any) -> float:
         """Send one request line; returns the send time (monotonic)."""
         return self.send_raw((json.dumps(msg) + "\n").encode())
-
-    def send_raw(self, line: bytes) -> float:
-        assert self.proc.stdin is not None
-        t = time.monotonic()
-        self.proc.stdin.write(line)
-        self.proc.stdin.flush()
-        return t
 
     def recv_raw(self, timeout: float = 30.0) -> tuple[float, bytes | None]:
         """Next stdout line (None at EOF) and when it arrived."""
@@ -129,6 +113,38 @@ class RuntimeSession:
             events.append(event)
             if event["ev"] in ("done", "error"):
                 return events
+
+
+class RuntimeSession(ProtocolClient):
+    """A session-mode runtime process with reader threads (no adb in between)."""
+
+    def __init__(self, sandbox: Path, *, bundle: str = "qwen35", max_new: int = 1024) -> None:
+        super().__init__()
+        self.proc = subprocess.Popen(["./qhx_generate", *cli_args(bundle, max_new)], cwd=wq(sandbox),
+                                     env=phone_env(sandbox), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put((time.monotonic(), line))
+        self._lines.put((time.monotonic(), None))
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for chunk in self.proc.stderr:
+            self.stderr += chunk
+
+    def send_raw(self, line: bytes) -> float:
+        assert self.proc.stdin is not None
+        t = time.monotonic()
+        self.proc.stdin.write(line)
+        self.proc.stdin.flush()
+        return t
 
     def close_stdin(self) -> None:
         assert self.proc.stdin is not None
