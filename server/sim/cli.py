@@ -41,6 +41,12 @@ def _listen_address(text: str) -> tuple[str, int]:
     return ("127.0.0.1" if host == "localhost" else host), int(port)
 
 
+def _slots(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def _speed(text: str) -> float:
     try:
         speed = float(text)
@@ -64,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--soc", default="SM8850", help="ro.soc.model of the phones (default SM8850)")
     parser.add_argument("--speed", type=_speed, default=1.0,
                         help="simulated speed factor, 0 = as fast as possible (default 1)")
+    parser.add_argument("--checkpoints", type=_slots, default=4, metavar="N",
+                        help="checkpoint slots per phone (session protocol v1.1); 0 = a v1 runtime (default 4)")
     parser.add_argument("--workdir", type=Path,
                         help="folder for sandboxes and adb files (default: a temp dir, removed on exit)")
     parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, base_port = args.listen if args.listen else ("127.0.0.1", None)
     lab = SimLab(args.phones, precision=args.precision, soc=args.soc, speed=args.speed, workdir=args.workdir,
-                 private_adb=args.listen is None or args.adb, host=host, base_port=base_port)
+                 private_adb=args.listen is None or args.adb, host=host, base_port=base_port,
+                 checkpoints=args.checkpoints)
 
     stop = threading.Event()
 

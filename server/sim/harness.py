@@ -153,16 +153,19 @@ class SimLab:
     """N simulated phones connected to a private adb server (see the module docstring).
 
     ``private_adb=False`` serves the phones only (for the user's own adb server to connect to);
-    ``base_port`` gives phones consecutive ports from there instead of free ones.
+    ``base_port`` gives phones consecutive ports from there instead of free ones. ``checkpoints``
+    sets the phones' checkpoint slots (session protocol v1.1; 0 = v1 runtimes; default: the knob's 4).
     """
 
     def __init__(self, phones: int = 1, *, precision: str = "fp16", soc: str = "SM8850", speed: float = 1.0,
                  workdir: Path | None = None, sim_config: dict[str, Any] | None = None,
-                 private_adb: bool = True, host: str = "127.0.0.1", base_port: int | None = None) -> None:
+                 private_adb: bool = True, host: str = "127.0.0.1", base_port: int | None = None,
+                 checkpoints: int | None = None) -> None:
         self.initial_phones = phones
         self.precision = precision
         self.soc = soc
-        self.sim_config: dict[str, Any] = {"speed": speed, **(sim_config or {})}
+        slots = {} if checkpoints is None else {"checkpoints": checkpoints}
+        self.sim_config: dict[str, Any] = {"speed": speed, **slots, **(sim_config or {})}
         self.private_adb = private_adb
         self.host = host
         self.base_port = base_port

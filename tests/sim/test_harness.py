@@ -129,7 +129,7 @@ def _two_free_ports() -> int:
 def test_cli_serves_phones_on_consecutive_ports_until_interrupted(tmp_path: Path) -> None:
     port = _two_free_ports()
     code = "import sys; from server.sim.cli import main; sys.exit(main(sys.argv[1:]))"
-    argv = ["--phones", "2", "--listen", f"127.0.0.1:{port}", "--adb", "--speed", "0",
+    argv = ["--phones", "2", "--listen", f"127.0.0.1:{port}", "--adb", "--speed", "0", "--checkpoints", "2",
             "--workdir", str(tmp_path / "lab"), "--log-level", "warning"]
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -146,6 +146,8 @@ def test_cli_serves_phones_on_consecutive_ports_until_interrupted(tmp_path: Path
                        .split("ANDROID_ADB_SERVER_PORT=")[1].split(";")[0])
         states = {d.serial: d.state for d in adbutils.AdbClient(port=adb_port).list()}
         assert states == {f"127.0.0.1:{port}": "device", f"127.0.0.1:{port + 1}": "device"}
+        for n in (1, 2):  # the slot count reached each phone's knobs (read by its sessions)
+            assert json.loads((tmp_path / "lab" / f"phone{n}" / "sim.json").read_text())["checkpoints"] == 2
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
     finally:
@@ -168,3 +170,18 @@ def test_cli_refuses_non_loopback_listen_addresses(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["--listen", "0.0.0.0:6101"])
     assert "loopback only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5"])
+def test_cli_refuses_a_bad_checkpoint_count(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.sim.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--checkpoints", value])
+    assert "--checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("checkpoints", "slots"), [(None, 4), (0, 0), (7, 7)])
+def test_lab_sets_the_phones_checkpoint_slots(tmp_path: Path, checkpoints: int | None, slots: int) -> None:
+    with SimLab(phones=1, speed=0, workdir=tmp_path, private_adb=False, checkpoints=checkpoints) as lab:
+        assert json.loads((lab.phones[0].sandbox / "sim.json").read_text())["checkpoints"] == slots
