@@ -22,10 +22,11 @@ from pydantic import (
     StrictInt,
     StrictStr,
     field_validator,
+    model_validator,
 )
 
 from server.backends.base import GenerationParams
-from server.errors import UnsupportedParameter
+from server.errors import InvalidRequest, UnsupportedParameter
 
 MAX_STOP_STRINGS = 4  # spec: "Up to 4 sequences"
 
@@ -33,9 +34,53 @@ MAX_STOP_STRINGS = 4  # spec: "Up to 4 sequences"
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        """JSON lets a string hold an escaped lone surrogate (``"\\ud800"``), which is not a character:
+        it cannot be tokenized, logged or sent back as UTF-8. Refused here, for every field of every
+        request, as a 400 naming the field (not a ``ValueError``: pydantic would lose the field)."""
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise InvalidRequest(
+                f"Invalid value for '{where or 'the request body'}': the text holds a lone UTF-16 surrogate (an "
+                "unpaired \\ud800-\\udfff escape), which is not a Unicode character.",
+                param=where or None, code="invalid_value",
+            )
+        return data
+
     @property
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+
+def lone_surrogate_at(data: Any) -> str | None:
+    """Where in parsed JSON the first string (or object key) holding a lone surrogate is, as a
+    parameter name (``messages[0].content``; ``""`` for the top level), or None. Walks with a stack,
+    so a body nested deeper than the recursion limit is no error."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _is_utf8(value):
+                return path
+        elif isinstance(value, dict):
+            if not all(_is_utf8(key) for key in value if isinstance(key, str)):
+                return path  # the key itself cannot be named
+            stack.extend((f"{path}.{key}" if path else str(key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", value[i]) for i in reversed(range(len(value))))
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class StreamOptions(BaseModel):

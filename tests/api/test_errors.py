@@ -82,3 +82,48 @@ def test_without_phones_health_is_ok_but_not_ready(no_phone: str) -> None:
     assert httpx.get(no_phone + "/v1/models").json() == {"object": "list", "data": []}
     r = httpx.post(no_phone + "/v1/completions", json={"model": "qwen3.5-0.8b", "prompt": "hi"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+SURROGATE = '"a\\ud800b"'  # JSON text: an escaped lone surrogate (what JSON.stringify sends for a split emoji)
+_CHAT = '"messages": [{"role": "user", "content": "hi"}]'
+_SURROGATE_BODIES = [
+    ("/v1/completions", f'"prompt": {SURROGATE}', "prompt"),
+    ("/v1/completions", f'"prompt": [{SURROGATE}], "echo": true', "prompt[0]"),
+    ("/v1/completions", f'"prompt": "hi", "stop": [{SURROGATE}]', "stop[0]"),
+    ("/v1/chat/completions", f'"messages": [{{"role": "user", "content": {SURROGATE}}}]', "messages[0].content"),
+    ("/v1/chat/completions", f'"messages": [{{"role": "user", "content": [{{"type": "text", "text": {SURROGATE}}}]}}]',
+     "messages[0].content[0].text"),
+    ("/v1/chat/completions", (f'"messages": [{{"role": "user", "content": "hi"}}, {{"role": "assistant", "refusal": '
+                              f'{SURROGATE}}}, {{"role": "user", "content": "hi"}}]'), "messages[1].refusal"),
+    ("/v1/chat/completions", (f'{_CHAT}, "tools": [{{"type": "function", "function": {{"name": "f", "description": '
+                              f'{SURROGATE}}}}}]'), "tools[0].function.description"),
+    ("/v1/chat/completions", f'{_CHAT}, "chat_template_kwargs": {{"x": {SURROGATE}}}', "chat_template_kwargs.x"),
+    ("/v1/chat/completions", f'{_CHAT}, "user": {SURROGATE}', "user"),
+    ("/v1/chat/completions", f'{_CHAT}, "some_unknown_field": {SURROGATE}', "some_unknown_field"),
+    ("/tokenize", f'"prompt": {SURROGATE}', "prompt"),
+    ("/tokenize", f'"messages": [{{"role": "user", "content": {SURROGATE}}}]', "messages[0].content"),
+    ("/apply-template", f'"messages": [{{"role": "user", "content": {SURROGATE}}}]', "messages[0].content"),
+]
+
+
+@pytest.mark.parametrize(("path", "fields", "param"), _SURROGATE_BODIES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lone_surrogate_anywhere_is_a_400_naming_the_field(live: LiveServer, path: str, fields: str, param: str,
+                                                             stream: bool) -> None:
+    """JSON may escape half a surrogate pair; it is no character, and was a 500 wherever the text was
+    tokenized, echoed or put in an error message (prompt, messages, tools, the model name...)."""
+    if stream and not path.startswith("/v1/"):
+        pytest.skip("no stream on the debug endpoints")
+    model = f'"{live.model}"'
+    streamed = ', "stream": true' if stream else ""
+    text = f'{{"model": {model}, "max_tokens": 3, {fields}{streamed}}}'
+    r = httpx.post(live.base_url + path, content=text.encode(), headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "invalid_request_error",
+                                 "param": param, "code": "invalid_value"}
+    # the model name too, on every endpoint
+    text = text.replace(model, SURROGATE, 1)
+    r = httpx.post(live.base_url + path, content=text.encode(), headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] in {"model", param}, r.text

@@ -28,7 +28,13 @@ from pydantic import (
 )
 
 from server.errors import InvalidRequest, UnsupportedParameter
-from server.serving.protocol import CompletionUsage, StreamOptions, _GenerationRequest, _Request
+from server.serving.protocol import (
+    CompletionUsage,
+    StreamOptions,
+    _GenerationRequest,
+    _Request,
+    lone_surrogate_at,
+)
 
 # --- request -----------------------------------------------------------------------------------
 
@@ -240,11 +246,18 @@ def _template_call(i: int, j: int, call: MessageToolCall) -> dict[str, Any]:
     if isinstance(args, str):
         try:
             args = json.loads(args) if args.strip() else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             raise InvalidRequest(
-                f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON: {exc}",
+                f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON: {why}",
                 param=f"messages[{i}].tool_calls[{j}].function.arguments",
             ) from exc
+        if lone_surrogate_at(args) is not None:  # the escapes decoded to text that cannot be tokenized
+            raise InvalidRequest(
+                f"messages[{i}].tool_calls[{j}].function.arguments holds a lone UTF-16 surrogate (an unpaired "
+                "\\ud800-\\udfff escape), which is not a Unicode character.",
+                param=f"messages[{i}].tool_calls[{j}].function.arguments", code="invalid_value",
+            )
     if args is None:
         args = {}
     if not isinstance(args, dict):

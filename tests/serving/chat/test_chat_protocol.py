@@ -43,7 +43,11 @@ def test_template_messages_convert_roles_parts_arguments_and_reasoning() -> None
     ]
 
 
-@pytest.mark.parametrize("arguments", ["[1, 2]", "{bad", '"text"'])
+@pytest.mark.parametrize("arguments", [
+    "[1, 2]", "{bad", '"text"',
+    '{"a": "\\ud800"}',  # decodes to a lone surrogate: no text the tokenizer can take (was a 500)
+    '{"a": ' + "[" * 5000 + "]" * 5000 + "}",  # past the recursion limit (was a 500)
+])
 def test_tool_call_arguments_must_be_a_json_object(arguments: str) -> None:
     r = request(messages=[USER, {"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]}])
