@@ -160,9 +160,13 @@ def _finite_float(number: str) -> float:
 def strict_json(text: str) -> Any:
     """``json.loads`` that accepts only what strict parsers accept back: no ``NaN``/``Infinity``
     (Python's extension), no number that overflows a double (``1e999``), no string that cannot be
-    sent as UTF-8 (an escaped lone surrogate). ``ValueError`` otherwise."""
-    value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    json.dumps(value, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError is a ValueError
+    sent as UTF-8 (an escaped lone surrogate), nothing nested past the recursion limit. ``ValueError``
+    otherwise."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError is a ValueError
+    except RecursionError as exc:  # nested deeper than the interpreter's limit: not typed, and no 500
+        raise ValueError("nested too deeply") from exc
     return value
 
 

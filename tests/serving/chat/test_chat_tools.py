@@ -261,6 +261,9 @@ def test_call_ids_look_like_openai_ids() -> None:
         ('{"a": NaN}', {"type": "object"}, '{"a": NaN}'),
         ("[1E400]", {"type": "array"}, "[1E400]"),
         ('"\\ud800"', {}, '"\\ud800"'),
+        # nested past the recursion limit: text, not a 500 (json.loads raises RecursionError)
+        ("[" * 5000 + "]" * 5000, {"type": "array"}, "[" * 5000 + "]" * 5000),
+        ('{"a":' * 5000 + "1" + "}" * 5000, {}, '{"a":' * 5000 + "1" + "}" * 5000),
         ("1e-999", {"type": "number"}, 0.0),  # underflow is a finite number
     ],
 )
@@ -292,7 +295,7 @@ VALUE_SCHEMAS: list[dict[str, Any] | None] = [
 # what a model may write as a value: JSON's edge cases, Python's JSON extensions, and anything else
 VALUE_WORDS = ["NaN", "Infinity", "-Infinity", "1e999", "-1E400", "1e-999", "nan", "inf", "1" * 5000, "0",
                "-0.0", "1.5", "true", "null", "None", '"', "\\", "\\ud800", "\\udfff", "\\u0000", "[", "]",
-               "{", "}", ":", ",", " ", "\n", '"a"', "é", "\U0001f600"]
+               "{", "}", ":", ",", " ", "\n", '"a"', "é", "\U0001f600", "[" * 5000 + "]" * 5000]
 value_texts = st.lists(st.sampled_from(VALUE_WORDS) | st.text(max_size=4), max_size=8).map("".join)
 
 
