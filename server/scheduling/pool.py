@@ -278,7 +278,8 @@ class PhonePool(Backend):
     # -- Backend contract ---------------------------------------------------------------------
 
     async def generate(self, params: GenerationParams) -> AsyncIterator[Event]:  # type: ignore[override]
-        tried: set[str] = set()
+        tried: set[str] = set()  # phones that failed this request (avoided when another serves)
+        failures = 0  # counted apart: with one phone, ``tried`` never grows past one key
         front = False
         regrants = 0
         while True:
@@ -308,7 +309,8 @@ class PhonePool(Backend):
                     return
                 except BackendError as exc:
                     tried.add(key)
-                    if streamed or not exc.retryable or len(tried) > 1:
+                    failures += 1
+                    if streamed or not exc.retryable or failures > 1:
                         raise
                     logger.warning(
                         "request %s: phone %s failed before its first token (%s); retrying once",

@@ -142,6 +142,34 @@ async def test_the_only_phone_may_serve_the_retry_of_its_own_failure() -> None:
     assert phones["p0"].served == ["r0", "r0"] and isinstance(events[-1], Finished)
 
 
+async def test_the_only_phone_failing_again_before_the_first_token_fails_the_request() -> None:
+    """Retried once, however many phones: with one phone the retry set never grew past one key, so a
+    phone that kept failing (a stall timeout it cannot meet, a crash on every request) took the request
+    round and round through its restarts and quarantines until the queue timeout (issue 10)."""
+    pool, phones = make_pool(1)
+    phones["p0"].fail_before = 5
+    with pytest.raises(PhoneLost):
+        await run(pool, "r0")
+    assert phones["p0"].served == ["r0", "r0"]
+    assert pool.running() == 0 and not pool._leased
+
+
+@pytest.mark.parametrize("n_phones", [1, 2, 3])
+@pytest.mark.parametrize("failures", [1, 2, 4])
+async def test_a_request_runs_on_at_most_two_phones_whatever_fails(n_phones: int, failures: int) -> None:
+    """The class of the defect above: every phone failing ``failures`` times before the first token,
+    over any number of phones, a request is tried twice at most, then fails or finishes."""
+    pool, phones = make_pool(n_phones)
+    for p in phones.values():
+        p.fail_before = failures
+    try:
+        await run(pool, "r0")
+    except PhoneLost:
+        pass
+    assert sum(len(p.served) for p in phones.values()) == 2
+    assert pool.running() == 0 and not pool._leased and pool.audit() == []
+
+
 async def test_a_retry_goes_to_the_head_of_the_queue() -> None:
     pool, phones = make_pool(2)
     p0, p1 = phones["p0"], phones["p1"]
