@@ -41,6 +41,16 @@ def parse_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def format_host_port(host: str, port: int) -> str:
+    """The one spelling of an adb server (phone keys, ``bundle_for``): ``host:port``, ``[v6]:port``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def same_adb_server(a: str, b: str) -> bool:
+    """Whether two addresses, in any spelling ``parse_host_port`` takes, name one adb server."""
+    return format_host_port(*parse_host_port(a)) == format_host_port(*parse_host_port(b))
+
+
 @dataclass(frozen=True)
 class SettingsProblem:
     """One field that cannot work: ``value`` is the input as given (None: not shown); ``env`` the
@@ -231,6 +241,14 @@ class Settings(BaseSettings):
             who, sep, bundle = entry.partition("=")
             if not sep or not who.strip() or not bundle.strip():
                 raise ValueError(f"bundle_for entries are SERIAL=BUNDLE, got {entry!r}")
+            server, slash, serial = who.rpartition("/")
+            if slash:  # ADB_SERVER/SERIAL: a server that cannot be one would silently match nothing
+                try:
+                    parse_host_port(server)
+                except ValueError as e:
+                    raise ValueError(f"bundle_for entry {entry!r}: {e}") from None
+                if not serial.strip():
+                    raise ValueError(f"bundle_for entries are [ADB_SERVER/]SERIAL=BUNDLE, got {entry!r}")
         return v
 
     def bundle_of(self, adb_server: str, serial: str) -> str | None:
@@ -238,6 +256,7 @@ class Settings(BaseSettings):
         default choice, see discovery)."""
         for entry in self.bundle_for:
             who, _, bundle = entry.partition("=")
-            if who.strip() in (serial, f"{adb_server}/{serial}"):
+            server, slash, who_serial = who.strip().rpartition("/")
+            if who_serial.strip() == serial and (not slash or same_adb_server(server, adb_server)):
                 return bundle.strip()
         return self.bundle

@@ -156,3 +156,27 @@ def test_host_port_forms(text: str, parsed: tuple[str, int]) -> None:
 def test_host_port_refuses_the_rest(bad: str) -> None:
     with pytest.raises(ValueError, match="is not host:port with a port in 1-65535"):
         parse_host_port(bad)
+
+
+@pytest.mark.parametrize(
+    ("server", "written"),
+    [("127.0.0.1:5037", "tcp:127.0.0.1:5037"), ("127.0.0.1:5037", "5037"), ("127.0.0.1:5037", " 127.0.0.1:5037 "),
+     ("[::1]:5037", "::1:5037"), ("[::1]:5037", "tcp:[::1]:5037"), ("[::1]:5037", "[::1]:5037"),
+     ("phones.lan:5037", "phones.lan:5037")],
+)
+def test_bundle_for_names_an_adb_server_in_any_spelling_the_adb_server_setting_takes(
+    server: str, written: str
+) -> None:
+    """`--adb-server tcp:127.0.0.1:5037 --bundle-for tcp:127.0.0.1:5037/SER=qwen35-w8` silently served
+    the default bundle: the phone's adb server is known by one spelling (`127.0.0.1:5037`) and the
+    entry was compared as text (issue 10)."""
+    settings = Settings(adb_servers=[written], bundle_for=[f"{written}/SER=qwen35-w8"])
+    assert settings.bundle_of(server, "SER") == "qwen35-w8"
+    assert settings.bundle_of(server, "OTHER") is None
+    assert settings.bundle_of("10.9.9.9:5037", "SER") is None
+
+
+@pytest.mark.parametrize("entry", ["nonsense/SER=qwen35-w8", "127.0.0.1:99999/SER=qwen35-w8", "/SER=qwen35-w8"])
+def test_bundle_for_with_an_adb_server_that_cannot_be_one_is_refused_at_start_up(entry: str) -> None:
+    with pytest.raises(SettingsInvalid, match="bundle_for"):
+        Settings(bundle_for=[entry])

@@ -24,7 +24,7 @@ from adbutils._adb import AdbConnection
 from adbutils.errors import AdbConnectionError, AdbError
 
 from server.errors import PhoneLost
-from server.settings import Settings, SettingsInvalid, SettingsProblem, parse_host_port
+from server.settings import Settings, SettingsInvalid, SettingsProblem, format_host_port, parse_host_port
 
 DEFAULT_ADB_PORT = 5037
 
@@ -43,7 +43,7 @@ def parse_server(address: str) -> tuple[str, int]:
 
 
 def format_server(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_host_port(host, port)
 
 
 def resolve_adb_servers(
