@@ -39,10 +39,12 @@ def _real_phone_attached(settings: Settings) -> bool:
 
 @contextlib.contextmanager
 def simulated_phones(settings: Settings) -> Iterator[Settings]:
-    """Start simulated phones when asked (or, with sim=-1, when no phone is attached) and yield the
-    settings pointing at their private adb server."""
+    """Start simulated phones when asked (or, with sim=-1, when no adb server is named and no phone
+    is attached) and yield the settings pointing at their private adb server."""
     count = settings.sim
-    if count < 0:
+    if count < 0 and settings.adb_servers:  # named adb servers are polled until their phones come,
+        count = 0  # never replaced by a simulated phone because they were down at start-up
+    elif count < 0:
         count = 0 if _real_phone_attached(settings) else 1
         if count:
             logger.warning("no phone attached to any reachable adb server: serving from ONE SIMULATED phone")

@@ -186,7 +186,8 @@ class Settings(BaseSettings):
     # --- simulated phones ---
     sim: int = Field(
         -1, ge=-1, description="Start N simulated phones on a private adb server and serve from them. "
-        "-1: auto, one simulated phone only when no adb server with a phone is reachable; 0: never."
+        "-1: auto, one simulated phone only when no adb server is named (adb_servers) and none with a "
+        "phone is reachable; 0: never."
     )
     sim_speed: float = Field(1.0, ge=0, description="Simulated phone speed factor (0 = as fast as possible).")
     sim_precision: Literal["fp16", "w8", "both"] = Field("fp16", description="Bundles staged on simulated phones.")
