@@ -93,7 +93,7 @@ def _provision(argv: list[str]) -> int:
 
 
 def _devices(ns: argparse.Namespace) -> int:
-    from server.backends.adb.report import print_devices
+    from server.ops.devices import print_devices
 
     return print_devices(_checked_settings(ns), as_json=ns.json)
 

@@ -1,1 +1,1 @@
-"""Operator commands run from the CLI (provisioning phones), not by the server."""
+"""Operator commands run from the CLI (provisioning phones, the `devices` report), not by the server."""

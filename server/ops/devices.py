@@ -1,5 +1,7 @@
 """``qhx-server devices``: the phones of every configured adb server, straight from adb.
 
+An operator command (ops/): the backend layer discovers phones, this module prints what it found.
+
 No server needs to be running. Each adb server is asked for its devices, and each phone in adb state
 ``device`` is discovered exactly as the server discovers it (:func:`~server.backends.adb.discovery
 .discover`, minus the tokenizer pull). Rows are :class:`~server.backends.base.PhoneHealth`, the shape

@@ -5,16 +5,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from server.backends.adb.report import print_devices
 from server.backends.base import PhoneHealth
 from server.cli import main
+from server.ops.devices import print_devices
 from server.settings import Settings
 from server.sim.harness import SimLab
-from tests.backends.adb_helpers import backend_settings
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[SimLab]:
+    with SimLab(phones=0, speed=0) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def tok_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tokenizers")
+
+
+def backend_settings(lab: SimLab, cache: Path, **overrides: Any) -> Settings:
+    """Settings for the phones of ``lab`` (the report never waits long for an adb server)."""
+    values: dict[str, Any] = {"adb_servers": [lab.adb_server], "tokenizer_cache": str(cache), "adb_timeout_s": 5.0}
+    return Settings(**{**values, **overrides})
 
 
 def test_devices_shows_each_phone_its_bundles_and_what_it_would_serve(
