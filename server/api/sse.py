@@ -5,8 +5,10 @@
     data: [DONE]\\n\\n        at the end
     data: {"error": {...}}   instead of [DONE] when the request fails mid-stream; then the stream closes
 
-``stream_response`` waits briefly for the first chunk before committing to a 200, so errors raised at
-once (model not found, queue full -> 429, no phone -> 503) keep their HTTP status. A client that goes
+``stream_response`` commits to a 200 only once the request is past admission (every choice queued
+for a phone or running on one: :class:`server.backends.base.Admission`) or has sent its first chunk,
+so refusals (queue full -> 429, no phone -> 503) keep their HTTP status however many event-loop
+turns they take; a backend that does not report admission gets ``ADMISSION_WAIT_S``. A client that goes
 away cancels the chunk iterator (sse-starlette watches ``http.disconnect``), which cancels the
 request on the phone (server.serving.engine).
 """
@@ -25,13 +27,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server.api.errors import error_body
+from server.backends.base import Admission, admission
 
 logger = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
-# How long a stream may wait for its first chunk before the 200 goes out: immediate failures (queue
-# full, unknown model) are raised well within it, and a token is never delayed by it.
-FIRST_CHUNK_WAIT_S = 0.05
+# Longest a stream waits for admission or its first chunk before the 200 goes out: the pool reports
+# admission within a few event-loop turns; a backend that does not (a phone on its own, in tests)
+# sends its first chunk when the phone accepts the prompt.
+ADMISSION_WAIT_S = 1.0
 _EMPTY = object()
 
 Chunk = str | bytes | BaseModel | Mapping[str, Any]
@@ -70,12 +74,21 @@ async def stream_response(
 ) -> Response:
     """An SSE response for ``chunks`` (an async generator: it is closed in every case).
 
-    Raises the chunk iterator's error when it fails before its first chunk (within
-    ``FIRST_CHUNK_WAIT_S``), for the exception handlers to answer with a status code.
+    Raises the chunk iterator's error when it fails before admission or its first chunk, for the
+    exception handlers to answer with a status code.
     """
-    first = asyncio.ensure_future(_first(chunks))
-    done, _ = await asyncio.wait({first}, timeout=FIRST_CHUNK_WAIT_S)
-    if first in done and first.exception() is not None:
+    ticket = Admission()
+    token = admission.set(ticket)
+    try:  # the task copies the context: the pool finds the ticket through it
+        first = asyncio.ensure_future(_first(chunks))
+    finally:
+        admission.reset(token)
+    admitted = asyncio.ensure_future(ticket.done.wait())
+    try:
+        await asyncio.wait({first, admitted}, return_when=asyncio.FIRST_COMPLETED, timeout=ADMISSION_WAIT_S)
+    finally:
+        admitted.cancel()
+    if first.done() and first.exception() is not None:
         await chunks.aclose()
         raise first.exception()  # type: ignore[misc]
 

@@ -19,6 +19,8 @@ A single phone (``server.backends.adb.phone.Phone``) and the pool of phones
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextvars
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -76,6 +78,40 @@ class Finished:
 
 
 Event = Started | Tokens | Finished
+
+
+class Admission:
+    """Tells the API layer when every phone request of one API request is past admission: queued for
+    a phone or running on one, so no longer refusable with a status code (429 queue full, 503, 404).
+
+    A streaming response commits to its 200 only then (server/api/sse.py); without it a refusal that
+    took a few event-loop turns to arrive (``n`` > 1 choices, a loaded loop) came as an error event
+    after a 200. The API layer puts one in :data:`admission` around a generation; the serving layer
+    says how many phone requests (choices) to expect; the pool calls :meth:`admitted` once per phone
+    request it queues or grants a phone to. Backends that do not call it leave the API layer to its
+    fallback wait.
+    """
+
+    def __init__(self) -> None:
+        self._expected = 1
+        self._admitted = 0
+        self.done = asyncio.Event()
+
+    def expect(self, n: int) -> None:
+        self._expected = n
+        self._check()
+
+    def admitted(self) -> None:
+        self._admitted += 1
+        self._check()
+
+    def _check(self) -> None:
+        if self._admitted >= self._expected:
+            self.done.set()
+
+
+# the current request's Admission; asyncio tasks copy it when they are created
+admission: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("qhx_admission", default=None)
 
 
 class PhoneState(str, enum.Enum):

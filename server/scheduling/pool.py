@@ -53,6 +53,7 @@ from server.backends.base import (
     PhoneHealth,
     PhoneState,
     Tokens,
+    admission,
 )
 from server.errors import BackendError, ModelNotFound, NoPhoneAvailable, Overloaded
 
@@ -215,6 +216,9 @@ class PhonePool(Backend):
                 f"The queue for `{model}` is full ({self._settings.max_queue} waiting); retry later.",
                 retry_after=self._retry_after(model),
             )
+        ticket = admission.get()
+        if ticket is not None and not front:  # queued or granted: no status code can refuse it now
+            ticket.admitted()
         return waiter
 
     def _withdraw(self, waiter: _Waiter) -> None:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from server.backends.base import GenerationParams
+from server.backends.base import GenerationParams, admission
 from server.serving.engine import CLEANUP_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ async def merge_choices(
     n: int, run: Callable[[int], AsyncGenerator[T, None]]
 ) -> AsyncGenerator[tuple[int, T], None]:
     """``run(index)`` for every index in ``range(n)`` at once, merged as ``(index, item)``."""
+    ticket = admission.get()
+    if ticket is not None:
+        ticket.expect(n)  # the stream's 200 waits for all n to be queued or running
     if n == 1:
         async with contextlib.aclosing(run(0)) as items:
             async for item in items:

@@ -386,3 +386,37 @@ async def test_devices_show_each_phone_its_bundles_its_request_and_its_counters(
         assert d["adb_server"] in {lab.adb_server for lab in stack.labs}
         assert d["product_model"].startswith("QHX-Sim") and d["soc"] == "SM8850" and d["mode"] == "session"
         assert d["uptime_s"] > 0 and d["tokens_served"] > 0 and d["last_decode_tps"] > 0
+
+
+async def test_a_burst_of_streamed_choices_is_refused_with_429_never_a_200_then_queue_full(
+    stack: PoolStack,
+) -> None:
+    """Issue 10 (adversarial pass): streamed n = 2 requests in a burst over a short queue. The stream
+    committed to its 200 after a fixed 50 ms; on a loaded loop the second choice's refusal came later
+    and the client got a 200 whose only event was ``queue_full``. Every stream is now either a 429 or
+    a 200 that streams (class test over both endpoints)."""
+    w8 = [stack.sim("a4"), stack.sim("b2")]
+    firsts: collections.Counter[str] = collections.Counter()
+    with stack.tuned(max_queue=3), stack.knobs(w8, slow_first_token_s=0.3):
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as http:
+
+            async def one(i: int) -> None:
+                path, body = (
+                    ("/v1/completions", {"prompt": PROMPT}) if i % 2 else
+                    ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]})
+                )
+                body = {**body, "model": W8, "max_tokens": 3, "n": 2, "stream": True}
+                async with http.stream("POST", path, json=body) as r:
+                    if r.status_code != 200:
+                        firsts[f"{r.status_code}"] += 1
+                        return
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            firsts["200 error" if '"error"' in line else "200 streams"] += 1
+                            return
+
+            await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(80))), 120)
+    assert firsts["200 streams"] > 0 and firsts["429"] > 0, firsts
+    assert set(firsts) == {"200 streams", "429"}, firsts
+    await asyncio.to_thread(stack.wait_all_idle)
+    assert stack.pool_audit() == []
