@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import anyio
 
 from server.backends.base import GenerationParams, admission
-from server.serving.engine import CLEANUP_TIMEOUT_S
+from server.serving.generation import CLEANUP_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ async def merge_choices(
             task.cancel()
         if pending:
             # shielded: under an anyio cancel scope every await is re-cancelled, but each choice's
-            # phone clean-up is worth waiting for (each is bounded by the engine)
+            # phone clean-up is worth waiting for (each is bounded by the stream driver)
             with anyio.CancelScope(shield=True):
                 _, late = await asyncio.wait(pending, timeout=CLEANUP_TIMEOUT_S + 1)
             if late:

@@ -3,7 +3,7 @@
 ``prepare`` does every check that can fail before the HTTP status is sent (unsupported parameters,
 model, prompt forms, context length) and raises :class:`server.errors.QhxError` subclasses; then
 ``complete`` (one JSON body) or ``stream`` (JSON chunk texts, without the SSE framing) run it through
-:func:`server.serving.engine.generate_text`.
+:func:`server.serving.generation.generate_text`.
 
 Choices where the spec is silent (docs/api.md): a missing or empty prompt is ``<|endoftext|>`` (the
 spec's default); generation stops at ``<|endoftext|>`` and ``<|im_end|>``; ``max_tokens: null`` means
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from server.backends.base import Backend, GenerationParams
 from server.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
 from server.serving.choices import choice_params, merge_choices
-from server.serving.engine import Delta, Outcome, generate_text
+from server.serving.generation import Outcome, TextDelta, generate_text
 from server.serving.metrics import ServingMetrics
 from server.serving.models import ModelRegistry
 from server.serving.oneshot import check_oneshot
@@ -136,9 +136,9 @@ class CompletionService:
 
     # -- running ------------------------------------------------------------------------------
 
-    async def _run(self, p: PreparedCompletion) -> AsyncGenerator[Delta | Outcome, None]:
+    async def _run(self, p: PreparedCompletion) -> AsyncGenerator[TextDelta | Outcome, None]:
         if p.params.max_new == 0:  # nothing to generate: no phone needed
-            yield Delta("", 0)
+            yield TextDelta("", 0)
             yield Outcome("length", len(p.params.prompt_ids), 0, None, None, {})
             return
         generation = generate_text(self._backend, p.params, p.tokenizer, stop=p.stop, metrics=self._metrics)
@@ -146,7 +146,7 @@ class CompletionService:
             async for ev in events:
                 yield ev
 
-    def _choices(self, p: PreparedCompletion) -> AsyncGenerator[tuple[int, Delta | Outcome], None]:
+    def _choices(self, p: PreparedCompletion) -> AsyncGenerator[tuple[int, TextDelta | Outcome], None]:
         """The request's ``n`` choices at once, as (index, item) (server/serving/choices.py)."""
         n = p.request.n or 1
         return merge_choices(n, lambda i: self._run(replace(p, params=choice_params(p.params, i, n))))
@@ -158,7 +158,7 @@ class CompletionService:
         outcomes: list[Outcome | None] = [None] * n
         async with contextlib.aclosing(self._choices(p)) as items:
             async for i, ev in items:
-                if isinstance(ev, Delta):
+                if isinstance(ev, TextDelta):
                     parts[i].append(ev.text)
                 else:
                     outcomes[i] = ev
@@ -192,7 +192,7 @@ class CompletionService:
         outcomes: list[Outcome] = []
         async with contextlib.aclosing(self._choices(p)) as items:
             async for i, ev in items:
-                if isinstance(ev, Delta):
+                if isinstance(ev, TextDelta):
                     if echo_pending[i]:  # at admission: queueing errors stay HTTP errors
                         echo_pending[i] = False
                         yield chunk(i, p.echo_text)

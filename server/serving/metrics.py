@@ -1,13 +1,13 @@
 """Request metrics with vLLM's names (``vllm:`` becomes ``qhx:``), so its dashboards translate.
 
-Recorded once per generation by :func:`server.serving.engine.generate_text` (both endpoints,
+Recorded once per generation by :func:`server.serving.generation.generate_text` (both endpoints,
 streaming or not) into one app's ``CollectorRegistry``; labels ``model_name`` and ``phone`` (the
 serial that ran it)::
 
-    qhx:time_to_first_token_seconds      histogram  request arrival (engine) -> first token on the host
+    qhx:time_to_first_token_seconds      histogram  request arrival (driver) -> first token on the host
     qhx:inter_token_latency_seconds      histogram  gap between tokens (phone clock; host clock one-shot)
-    qhx:e2e_request_latency_seconds      histogram  request arrival (engine) -> end
-    qhx:request_queue_time_seconds       histogram  request arrival (engine) -> the phone started it
+    qhx:e2e_request_latency_seconds      histogram  request arrival (driver) -> end
+    qhx:request_queue_time_seconds       histogram  request arrival (driver) -> the phone started it
     qhx:prompt_tokens_total              counter
     qhx:generation_tokens_total          counter
     qhx:request_success_total            counter    + finished_reason: stop | length | abort | error

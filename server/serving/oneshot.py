@@ -5,7 +5,7 @@ greedily, so temperature, top_p, top_k, seed and repetition_penalty cannot reach
 is served (clients send sampling parameters by default: LangChain's temperature is 0.7) and says
 what was ignored: :func:`check_oneshot` gives the names for the ``X-QHX-Ignored-Params`` response
 header when every phone of the model runs one-shot, and refuses ``n`` > 1 with sampling there (the
-choices would all be the same greedy text); the engine logs a warning for every generation that ran
+choices would all be the same greedy text); the stream driver logs a warning for every generation that ran
 one-shot with parameters it ignored (which also covers fleets where only some phones run one-shot).
 """
 

@@ -3,7 +3,7 @@
 Generated text goes through the :class:`~server.serving.chat.reasoning.ReasoningSplitter` (think
 block -> reasoning) and, when the request's tools are parsed, the content goes through the
 :class:`~server.serving.chat.tools.ToolCallParser`. Out come :data:`Piece` lists, adjacent pieces
-of one kind merged (one chunk per kind per engine delta, not one per character).
+of one kind merged (one chunk per kind per text delta, not one per character).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""/v1/chat/completions semantics on top of :func:`server.serving.engine.generate_text`.
+"""/v1/chat/completions semantics on top of :func:`server.serving.generation.generate_text`.
 
 ``prepare`` does everything that can fail before the HTTP status is sent (unsupported parameters,
 model, messages, tools, template, context length) and raises :class:`server.errors.QhxError`
@@ -42,8 +42,7 @@ from server.serving.chat.reply import Piece, Reasoning, ReplyParser
 from server.serving.chat.template import ChatTemplate
 from server.serving.chat.tools import ArgumentsDelta, CallStarted, Text, ToolPlan, plan_tools
 from server.serving.choices import choice_params, merge_choices
-from server.serving.engine import Delta as TextDelta
-from server.serving.engine import Outcome, generate_text
+from server.serving.generation import Outcome, TextDelta, generate_text
 from server.serving.metrics import ServingMetrics
 from server.serving.models import ModelRegistry
 from server.serving.oneshot import check_oneshot

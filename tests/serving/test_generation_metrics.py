@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from server.backends.base import GenerationParams
 from server.errors import Overloaded, PhoneLost
 from server.logs import request_context
-from server.serving.engine import Delta, generate_text
+from server.serving.generation import TextDelta, generate_text
 from server.serving.metrics import ServingMetrics
 from server.serving.tokens import HostTokenizer
 from tests.serving.inprocess_phone_double import InProcessPhoneDouble
@@ -26,7 +26,7 @@ def params(max_new: int = 100) -> GenerationParams:
 
 
 class Recorded:
-    """One app's metrics and the request's log fields, as the engine left them."""
+    """One app's metrics and the request's log fields, as the stream driver left them."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -46,7 +46,7 @@ async def run(phone: InProcessPhoneDouble, tok: HostTokenizer, rec: Recorded, *,
             async with contextlib.aclosing(events):
                 got = 0
                 async for ev in events:
-                    got += isinstance(ev, Delta) and bool(ev.text)
+                    got += isinstance(ev, TextDelta) and bool(ev.text)
                     if take is not None and got >= take:
                         break
         finally:

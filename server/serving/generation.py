@@ -1,4 +1,4 @@
-"""The generation driver shared by /v1/completions and /v1/chat/completions.
+"""The stream driver shared by every endpoint family: one backend request in, text deltas out.
 
 ``generate_text`` turns one backend request (token ids in, ``Started`` / ``Tokens`` / ``Finished``
 out) into what an OpenAI endpoint needs: text that is safe to show (UTF-8 complete, stop strings
@@ -6,10 +6,13 @@ held back and cut), exact token counts, and a finish reason::
 
     async with contextlib.aclosing(generate_text(backend, params, tok, stop=["\\n\\n"])) as events:
         async for ev in events:
-            if isinstance(ev, Delta):
+            if isinstance(ev, TextDelta):
                 ...  # ev.text may be "" (the first item: the phone accepted the prompt)
             else:
                 ...  # Outcome: always the last item
+
+One generation's state is a :class:`_Generation` (events in, deltas and the outcome out); the
+backend's events arrive through a :class:`_BackendRun`.
 
 Cancellation: the backend request runs in a pump task of its own. Closing the iterator, a stop
 string match, or the consuming task being cancelled (client disconnect) cancels that task exactly
@@ -48,7 +51,7 @@ CLEANUP_TIMEOUT_S = 15.0
 
 
 @dataclass(slots=True)
-class Delta:
+class TextDelta:
     """Text the client may see now (stop-string safe, whole UTF-8 characters)."""
 
     text: str
@@ -79,10 +82,10 @@ def _now_ms() -> float:
 async def generate_text(
     backend: Backend, params: GenerationParams, tokenizer: HostTokenizer, *, stop: list[str],
     metrics: ServingMetrics | None = None,
-) -> AsyncGenerator[Delta | Outcome, None]:
-    """Run ``params`` on ``backend``; yield ``Delta``s then one ``Outcome``.
+) -> AsyncGenerator[TextDelta | Outcome, None]:
+    """Run ``params`` on ``backend``; yield ``TextDelta``s then one ``Outcome``.
 
-    The first item is ``Delta("", 0)`` as soon as the phone accepted the prompt (``Started``): a
+    The first item is ``TextDelta("", 0)`` as soon as the phone accepted the prompt (``Started``): a
     natural moment to send a role chunk; queueing or admission errors (429, 503) are raised before it.
     Backend failures propagate as :class:`server.errors.QhxError` subclasses. Timings (``Outcome
     .timings``, ms): ``queue_ms`` (host: request to ``Started``), ``prefill_ms`` and ``decode_ms``
@@ -92,114 +95,179 @@ async def generate_text(
     However it ends, the generation is recorded once: in ``metrics`` (when a phone started it) and
     on the request's log line (:func:`server.logs.note_generation`).
     """
-    detok = tokenizer.detokenizer()
-    scan = TokenStops(stop)
-    timings: dict[str, float | None] = {
-        "host_start_t_ms": _now_ms(), "queue_ms": None, "prefill_ms": None, "decode_ms": None,
-        "host_first_token_t_ms": None, "phone_first_token_t_ms": None, "phone_last_token_t_ms": None,
-    }
-    oneshot = False  # the phone sends text instead of ids (one-shot mode): tokens are counted on it
-    phone: str | None = None
-    admitted = False
-    gaps = _TokenGaps()
-    outcome: Outcome | None = None
-    ended = "error"  # the finish reason recorded when no Outcome was reached
+    gen = _Generation(params, tokenizer, stop)
     run = _BackendRun(backend, params)
-
-    def counted() -> int:
-        return _retokenized(tokenizer, scan, params.max_new) if oneshot else scan.tokens
-
+    ended = "error"  # the finish reason recorded when no Outcome was reached
     try:
         while True:
             batch = await run.next_batch()
             if not batch:
                 raise ProtocolViolation(f"request {params.request_id}: the phone ended without `done`")
-            texts: list[str] = []  # one per token (one per text piece in one-shot mode)
-            finished: Finished | None = None
-            for ev in batch:
-                if isinstance(ev, Tokens):
-                    if timings["host_first_token_t_ms"] is None:
-                        timings["host_first_token_t_ms"] = _now_ms()
-                        timings["phone_first_token_t_ms"] = ev.t_ms
-                    timings["phone_last_token_t_ms"] = ev.t_ms
-                    gaps.tokens(max(1, len(ev.ids)), ev.t_ms if ev.t_ms is not None else _now_ms())
-                    if ev.ids:
-                        texts.extend(detok.feed((i,)) for i in ev.ids)
-                    elif ev.text is not None:
-                        if not oneshot:
-                            oneshot = True
-                            _warn_ignored(params, ev.request_id, phone)
-                        texts.append(detok.feed_text(ev.text))
-                elif isinstance(ev, Started):
-                    phone = ev.phone
-                    timings["queue_ms"] = _now_ms() - (timings["host_start_t_ms"] or 0.0)
-                elif isinstance(ev, Finished):
-                    finished = ev
-            if not admitted:
-                admitted = True
-                yield Delta("", 0)
-            safe, matched = scan.feed(texts)
-            if matched is None and finished is None:
-                if safe:
-                    yield Delta(safe, scan.tokens)
-                continue
-            if matched is None:  # finished: settle the held-back text (a stop may sit in it)
-                tail, matched = scan.flush(detok.flush())
-                safe += tail
-            if safe:
-                yield Delta(safe, scan.tokens)
-            if finished is not None:
-                timings["prefill_ms"], timings["decode_ms"] = finished.prefill_ms, finished.decode_ms
-            reason: Literal["stop", "length"]
-            count = counted()
-            if matched is not None:
-                await run.close()  # the phone stops now and is free when the client hears "stop"
-                reason = "stop"
-            else:
-                assert finished is not None
-                if finished.reason == "cancelled":
-                    raise BackendError(f"request {params.request_id} was cancelled on phone {phone}")
-                if oneshot:
-                    reason, count = _oneshot_finish(finished, count, params.max_new)
-                else:
-                    reason = finished.reason
-            outcome = Outcome(reason, len(params.prompt_ids), count, matched, phone, timings)
-            _log_outcome(params.request_id, outcome)
-            yield outcome
-            return
+            texts = gen.on_events(batch)
+            if gen.admit():
+                yield TextDelta("", 0)
+            delta = gen.on_texts(texts)
+            if delta is not None:
+                yield delta
+            if gen.ending:
+                if gen.matched is not None:
+                    await run.close()  # the phone stops now and is free when the client hears "stop"
+                yield gen.settle()
+                return
     except (GeneratorExit, asyncio.CancelledError):
         ended = "abort"  # the consumer went away (client disconnect)
         raise
     finally:
         await run.close()
-        _record(metrics, params, phone, outcome.finish_reason if outcome else ended,
-                outcome.completion_tokens if outcome else counted(), timings, gaps.samples(timings["decode_ms"]))
+        gen.record(metrics, ended)
 
 
-def _retokenized(tokenizer: HostTokenizer, scan: TokenStops, max_new: int) -> int:
-    """One-shot mode's count: the text up to the end of the stop string (all of it without a match),
-    tokenized on the host; never more than the phone was allowed to generate."""
-    text = scan.text if scan.stop_end is None else scan.text[: scan.stop_end]
-    return min(len(tokenizer.encode(text)), max_new)
+class _Generation:
+    """One generation, from the backend's first event to its :class:`Outcome`.
+
+    Per batch of events, top to bottom: :meth:`on_events` (timings, phone, the tokens' text),
+    :meth:`admit` (the first batch only), :meth:`on_texts` (stop strings; the text safe to show);
+    once :attr:`ending`, :meth:`settle` gives the outcome; :meth:`record` runs however it ended.
+    """
+
+    def __init__(self, params: GenerationParams, tokenizer: HostTokenizer, stop: list[str]) -> None:
+        self.params = params
+        self._tokenizer = tokenizer
+        self._detok = tokenizer.detokenizer()
+        self._scan = TokenStops(stop)
+        self.timings: dict[str, float | None] = {
+            "host_start_t_ms": _now_ms(), "queue_ms": None, "prefill_ms": None, "decode_ms": None,
+            "host_first_token_t_ms": None, "phone_first_token_t_ms": None, "phone_last_token_t_ms": None,
+        }
+        self.phone: str | None = None
+        self._admitted = False
+        self._gaps = _TokenGaps()
+        self.finished: Finished | None = None  # the phone's `done`
+        self.matched: str | None = None  # the stop string that matched
+        self.outcome: Outcome | None = None
+        self._oneshot: _OneShot | None = None  # set when the phone sends text instead of ids
+
+    # -- events -------------------------------------------------------------------------------
+
+    def on_events(self, batch: list[Event]) -> list[str]:
+        """Take in one batch of events; the tokens' text, one piece per token."""
+        texts: list[str] = []
+        for ev in batch:
+            if isinstance(ev, Tokens):
+                texts.extend(self.on_tokens(ev))
+            elif isinstance(ev, Started):
+                self.on_started(ev)
+            elif isinstance(ev, Finished):
+                self.finished = ev
+        return texts
+
+    def on_started(self, ev: Started) -> None:
+        self.phone = ev.phone
+        self.timings["queue_ms"] = _now_ms() - (self.timings["host_start_t_ms"] or 0.0)
+
+    def on_tokens(self, ev: Tokens) -> list[str]:
+        timings = self.timings
+        if timings["host_first_token_t_ms"] is None:
+            timings["host_first_token_t_ms"] = _now_ms()
+            timings["phone_first_token_t_ms"] = ev.t_ms
+        timings["phone_last_token_t_ms"] = ev.t_ms
+        self._gaps.tokens(max(1, len(ev.ids)), ev.t_ms if ev.t_ms is not None else _now_ms())
+        if ev.ids:
+            return [self._detok.feed((i,)) for i in ev.ids]
+        if ev.text is not None:
+            return [self._oneshot_text(ev)]
+        return []
+
+    def admit(self) -> bool:
+        """True once: after the first batch (the phone accepted the prompt)."""
+        first, self._admitted = not self._admitted, True
+        return first
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def on_texts(self, texts: list[str]) -> TextDelta | None:
+        """The text now safe to show, if any; at the end (a stop matched, or the phone finished)
+        with the held-back text settled."""
+        safe, self.matched = self._scan.feed(texts)
+        if self.matched is None and self.finished is not None:  # a stop may sit in the held-back text
+            tail, self.matched = self._scan.flush(self._detok.flush())
+            safe += tail
+        return TextDelta(safe, self._scan.tokens) if safe else None
+
+    @property
+    def ending(self) -> bool:
+        return self.matched is not None or self.finished is not None
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def settle(self) -> Outcome:
+        """The outcome, once :attr:`ending`; a phone-side cancellation is an error."""
+        if self.finished is not None:
+            self.timings["prefill_ms"], self.timings["decode_ms"] = self.finished.prefill_ms, self.finished.decode_ms
+        reason: Literal["stop", "length"]
+        count = self._counted()
+        if self.matched is not None:
+            reason = "stop"
+        else:
+            assert self.finished is not None
+            if self.finished.reason == "cancelled":
+                raise BackendError(f"request {self.params.request_id} was cancelled on phone {self.phone}")
+            reason = self.finished.reason
+            if self._oneshot is not None:
+                reason, count = self._oneshot.finish(self.finished, count)
+        self.outcome = Outcome(reason, len(self.params.prompt_ids), count, self.matched, self.phone, self.timings)
+        _log_outcome(self.params.request_id, self.outcome)
+        return self.outcome
+
+    def _counted(self) -> int:
+        if self._oneshot is not None:
+            return self._oneshot.count(self._tokenizer, self._scan)
+        return self._scan.tokens
+
+    def record(self, metrics: ServingMetrics | None, ended: str) -> None:
+        """Metrics and the request's log fields, once, however the generation ended (``ended``: the
+        finish reason when no outcome was reached)."""
+        o = self.outcome
+        _record(metrics, self.params, self.phone, o.finish_reason if o else ended,
+                o.completion_tokens if o else self._counted(), self.timings,
+                self._gaps.samples(self.timings["decode_ms"]))
+
+    # -- one-shot mode (goes away with ``Tokens.text``) ----------------------------------------
+
+    def _oneshot_text(self, ev: Tokens) -> str:
+        assert ev.text is not None
+        if self._oneshot is None:
+            self._oneshot = _OneShot(self.params, ev.request_id, self.phone)
+        return self._detok.feed_text(ev.text)
 
 
-def _oneshot_finish(finished: Finished, retokenized: int, max_new: int) -> tuple[Literal["stop", "length"], int]:
-    """Why a one-shot run ended by itself, and its token count.
+class _OneShot:
+    """One-shot mode: the phone sends text instead of ids, so tokens are counted on the host (or by
+    the backend when it knows), and why the run ended is inferred from the count."""
 
-    The count is the backend's when it knows one (``Finished.completion_tokens`` > 0; the one-shot
-    backend sends 0, as the CLI's stats line has no format in the contract), else the host's
-    ``retokenized`` count. Fewer tokens than
-    ``max_new`` means the runtime stopped by itself (a stop id; ``max_new`` never reaches past the
-    context: the services clamp it), which the session protocol would have called ``stop``."""
-    generated = finished.completion_tokens or retokenized
-    return ("stop" if generated < max_new else "length"), min(generated, max_new)
+    def __init__(self, params: GenerationParams, request_id: str, phone: str | None) -> None:
+        self._max_new = params.max_new
+        ignored = ignored_params(params)
+        if ignored:
+            logger.warning("request %s runs in one-shot mode on phone %s (greedy, no sampling parameters): "
+                           "ignoring %s", request_id, phone, ", ".join(ignored))
 
+    def count(self, tokenizer: HostTokenizer, scan: TokenStops) -> int:
+        """The text up to the end of the stop string (all of it without a match), tokenized on the
+        host; never more than the phone was allowed to generate."""
+        text = scan.text if scan.stop_end is None else scan.text[: scan.stop_end]
+        return min(len(tokenizer.encode(text)), self._max_new)
 
-def _warn_ignored(params: GenerationParams, request_id: str, phone: str | None) -> None:
-    ignored = ignored_params(params)
-    if ignored:
-        logger.warning("request %s runs in one-shot mode on phone %s (greedy, no sampling parameters): "
-                       "ignoring %s", request_id, phone, ", ".join(ignored))
+    def finish(self, finished: Finished, retokenized: int) -> tuple[Literal["stop", "length"], int]:
+        """Why a one-shot run ended by itself, and its token count.
+
+        The count is the backend's when it knows one (``Finished.completion_tokens`` > 0; the one-shot
+        backend sends 0, as the CLI's stats line has no format in the contract), else the host's
+        ``retokenized`` count. Fewer tokens than ``max_new`` means the runtime stopped by itself (a
+        stop id; ``max_new`` never reaches past the context: the services clamp it), which the session
+        protocol would have called ``stop``."""
+        generated = finished.completion_tokens or retokenized
+        return ("stop" if generated < self._max_new else "length"), min(generated, self._max_new)
 
 
 def _record(

@@ -10,7 +10,7 @@ import pytest
 
 from server.backends.base import GenerationParams
 from server.errors import BackendError, Overloaded, PhoneLost, ProtocolViolation
-from server.serving.engine import Delta, Outcome, generate_text
+from server.serving.generation import Outcome, TextDelta, generate_text
 from server.serving.tokens import HostTokenizer
 from tests.serving.inprocess_phone_double import InProcessPhoneDouble
 
@@ -22,12 +22,12 @@ def params(max_new: int = 100, rid: str = "cmpl-test") -> GenerationParams:
 
 
 async def collect(backend: InProcessPhoneDouble, tok: HostTokenizer, *, stop: list[str] | None = None,
-                  max_new: int = 100) -> tuple[list[Delta], Outcome]:
-    deltas: list[Delta] = []
+                  max_new: int = 100) -> tuple[list[TextDelta], Outcome]:
+    deltas: list[TextDelta] = []
     outcome = None
     async with contextlib.aclosing(generate_text(backend, params(max_new), tok, stop=stop or [])) as events:
         async for ev in events:
-            if isinstance(ev, Delta):
+            if isinstance(ev, TextDelta):
                 deltas.append(ev)
             else:
                 outcome = ev
@@ -39,7 +39,7 @@ async def test_text_counts_and_length_finish(qwen_tokenizer: HostTokenizer) -> N
     ids = qwen_tokenizer.encode("Hello 世界 🎉 done")
     phone = InProcessPhoneDouble(ids)
     deltas, out = await collect(phone, qwen_tokenizer)
-    assert deltas[0] == Delta("", 0)  # admission comes first
+    assert deltas[0] == TextDelta("", 0)  # admission comes first
     assert "".join(d.text for d in deltas) == "Hello 世界 🎉 done"
     assert all("\ufffd" not in d.text for d in deltas)
     assert out.finish_reason == "length" and out.completion_tokens == len(ids) and out.prompt_tokens == 3
@@ -80,7 +80,7 @@ async def test_cancelling_the_consumer_cancels_the_phone_even_under_anyio(qwen_t
     async def consume() -> None:
         async with contextlib.aclosing(generate_text(phone, params(), qwen_tokenizer, stop=[])) as events:
             async for ev in events:
-                if isinstance(ev, Delta):
+                if isinstance(ev, TextDelta):
                     got.append(ev.text)
 
     async with anyio.create_task_group() as tg:
@@ -112,7 +112,7 @@ async def test_backend_error_after_some_text_propagates(qwen_tokenizer: HostToke
     seen: list[str] = []
     with pytest.raises(PhoneLost):
         async for ev in generate_text(phone, params(), qwen_tokenizer, stop=[]):
-            if isinstance(ev, Delta):
+            if isinstance(ev, TextDelta):
                 seen.append(ev.text)
     assert "".join(seen) == "a b c"
 
@@ -189,7 +189,7 @@ async def test_stop_string_usage_does_not_depend_on_how_fast_the_consumer_reads(
         got, outcome = "", None
         async with contextlib.aclosing(generate_text(phone, params(), qwen_tokenizer, stop=["\n\nUser:"])) as events:
             async for ev in events:
-                if isinstance(ev, Delta):
+                if isinstance(ev, TextDelta):
                     got += ev.text
                     await asyncio.sleep(pause)
                 else:
@@ -202,10 +202,10 @@ async def test_stop_string_usage_does_not_depend_on_how_fast_the_consumer_reads(
 async def test_a_slow_consumer_gets_tokens_batched(qwen_tokenizer: HostTokenizer) -> None:
     ids = qwen_tokenizer.encode("alpha beta gamma delta epsilon zeta eta theta")
     phone = InProcessPhoneDouble(ids)
-    deltas: list[Delta] = []
+    deltas: list[TextDelta] = []
     async with contextlib.aclosing(generate_text(phone, params(), qwen_tokenizer, stop=[])) as events:
         async for ev in events:
-            if isinstance(ev, Delta):
+            if isinstance(ev, TextDelta):
                 deltas.append(ev)
                 await asyncio.sleep(0.01)  # the phone runs ahead meanwhile
     text_deltas = [d for d in deltas if d.text]
