@@ -3,8 +3,9 @@
 A phone runs one generation at a time. Requests for a model wait in that model's FIFO queue until a
 ready, idle phone serving the model is free (docs/pool.md):
 
-* routing: a free phone goes to the oldest waiter that may use it; of several free phones, the one
-  idle longest is used first, so that load spreads over all phones;
+* routing: waiters are offered the free phones oldest first, and a :class:`~server.scheduling.routing
+  .Router` chooses (``IdleLongest`` by default: of several free phones, the one idle longest, so
+  that load spreads over all phones);
 * the queue is bounded (``Settings.max_queue`` waiting requests per model, then
   :class:`~server.errors.Overloaded` -> 429 with ``Retry-After``: the expected time until a phone
   frees up, from the recent request durations) and so is the wait (``Settings.queue_timeout_s``,
@@ -38,10 +39,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from server.backends.base import (
@@ -56,6 +58,7 @@ from server.backends.base import (
     admission,
 )
 from server.errors import BackendError, ModelNotFound, NoPhoneAvailable, Overloaded
+from server.scheduling.routing import IdleLongest, PhoneView, Router, RouteRequest
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -99,18 +102,24 @@ class PhoneSource(Protocol):
 
 @dataclass(eq=False)
 class _Waiter:
-    request_id: str
-    model: str
-    future: asyncio.Future[str]
-    exclude: frozenset[str] = frozenset()  # phones that failed this request (avoided when possible)
-    enqueued: float = field(default_factory=time.monotonic)
+    request: RouteRequest  # what the router sees
+    future: asyncio.Future[str]  # the key of the phone granted to it
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def model(self) -> str:
+        return self.request.model
 
 
 class PhonePool(Backend):
     """Routes requests to idle phones; FIFO per model; bounded queue and wait."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, router: Router | None = None) -> None:
         self._settings = settings
+        self._router: Router = router or IdleLongest()
         self._source: PhoneSource | None = None
         self._queues: dict[str, collections.deque[_Waiter]] = collections.defaultdict(collections.deque)
         self._leased: dict[str, str] = {}  # phone key -> request id (granted or running)
@@ -147,14 +156,17 @@ class PhonePool(Backend):
             if phone.model is not None and phone.model.name == model and phone.state in states
         ]
 
-    def _idle(self, model: str) -> list[str]:
-        """Ready phones of the model nobody holds, idle longest first."""
-        idle = [k for k in self._of_model(model, frozenset({PhoneState.READY})) if k not in self._leased]
-        return sorted(idle, key=lambda k: self._idle_since.get(k, 0.0))
+    def _views(self, model: str) -> list[PhoneView]:
+        """What the router sees of the phones serving the model (ready or busy), in the source's order."""
+        phones = self._phones()
+        return [
+            PhoneView(key, phones[key].state, key in self._leased, self._idle_since.get(key, 0.0))
+            for key in self._of_model(model, _SERVING)
+        ]
 
-    def _may_use(self, waiter: _Waiter, key: str, serving: list[str]) -> bool:
-        # a phone that failed this request is avoided while another phone serves the model
-        return key not in waiter.exclude or all(k in waiter.exclude for k in serving)
+    def _idle(self, model: str) -> list[str]:
+        """Ready phones of the model nobody holds."""
+        return [v.key for v in self._views(model) if v.free]
 
     def _dispatch(self) -> None:
         for model, queue in self._queues.items():
@@ -165,17 +177,23 @@ class PhonePool(Backend):
             if not self._of_model(model, _PRESENT):
                 self._fail_all(model, queue)
                 continue
-            serving = self._of_model(model, _SERVING)
-            for key in self._idle(model):
-                waiter = next(
-                    (w for w in queue if not w.future.done() and self._may_use(w, key, serving)), None
-                )
-                if waiter is None:
-                    continue
-                queue.remove(waiter)
-                self._leased[key] = waiter.request_id
-                self._granted[key] = waiter  # until its request claims it (or gives it back)
-                waiter.future.set_result(key)
+            self._route(queue, self._views(model))
+
+    def _route(self, queue: collections.deque[_Waiter], views: list[PhoneView]) -> None:
+        """Offers the free phones to the waiters, oldest first; the router picks (or not) for each."""
+        for waiter in list(queue):
+            if not any(v.free for v in views):
+                return
+            if waiter.future.done():
+                continue
+            key = self._router.choose(waiter.request, views)
+            if key is None:
+                continue
+            queue.remove(waiter)
+            self._leased[key] = waiter.request_id
+            self._granted[key] = waiter  # until its request claims it (or gives it back)
+            waiter.future.set_result(key)
+            views = [dataclasses.replace(v, leased=True) if v.key == key else v for v in views]
 
     def _no_phone(self, model: str) -> NoPhoneAvailable:
         return NoPhoneAvailable(f"No phone serves `{model}` right now (unplugged or adb server gone); "
@@ -203,7 +221,8 @@ class PhonePool(Backend):
             if front or model in self._served:  # it was served: its phones may come back
                 raise self._no_phone(model)
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
-        waiter = _Waiter(params.request_id, model, asyncio.get_running_loop().create_future(), exclude)
+        request = RouteRequest(params.request_id, model, exclude, time.monotonic(), params.prompt_ids)
+        waiter = _Waiter(request, asyncio.get_running_loop().create_future())
         queue = self._queues[model]
         if front:  # a retry: it waited its turn already
             queue.appendleft(waiter)
@@ -248,7 +267,7 @@ class PhonePool(Backend):
             ) from None
         finally:
             if self.queue_wait_observer is not None:
-                self.queue_wait_observer(waiter.model, time.monotonic() - waiter.enqueued)
+                self.queue_wait_observer(waiter.model, time.monotonic() - waiter.request.enqueued)
 
     @contextlib.asynccontextmanager
     async def _lease(self, params: GenerationParams, exclude: frozenset[str], *, front: bool) -> AsyncIterator[str]:
@@ -388,14 +407,11 @@ class PhonePool(Backend):
                 problems.append(f"request {rid} runs on phone {key} without holding its lease")
         problems += [f"granted phone {key} is not leased" for key in self._granted if key not in self._leased]
         for model, queue in self._queues.items():
-            live = [w for w in queue if not w.future.done()]
-            if not live:
-                continue
-            serving = self._of_model(model, _SERVING)
-            for key in self._idle(model):
-                stuck = [w.request_id for w in live if self._may_use(w, key, serving)]
-                if stuck:
-                    problems.append(f"phone {key} is idle while {len(stuck)} request(s) may use it wait")
+            views = self._views(model)
+            for waiter in queue:
+                usable = None if waiter.future.done() else self._router.choose(waiter.request, views)
+                if usable is not None:
+                    problems.append(f"phone {usable} is idle while {waiter.request_id}, which may use it, waits")
         return problems
 
     async def aclose(self) -> None:
