@@ -92,12 +92,20 @@ class PoolPhone(Protocol):
 
 
 class PhoneSource(Protocol):
-    """Where phones come from (``server.backends.adb.fleet.AdbFleet``), keyed by a stable name."""
+    """Where phones come from (``server.backends.adb.fleet.AdbFleet``), keyed by a stable name. It
+    calls the hook it was made with (:data:`SourceFactory`) whenever a phone's state changes."""
 
     @property
     def phones(self) -> Mapping[str, PoolPhone]: ...
 
+    async def start(self) -> None: ...
+
     async def aclose(self) -> None: ...
+
+
+PhoneChanged = Callable[[object], None]
+# makes the pool's phone source, given the hook it must call on every phone change (on the event loop)
+SourceFactory = Callable[[PhoneChanged], PhoneSource]
 
 
 @dataclass(eq=False)
@@ -115,12 +123,12 @@ class _Waiter:
 
 
 class PhonePool(Backend):
-    """Routes requests to idle phones; FIFO per model; bounded queue and wait."""
+    """Routes requests to idle phones; FIFO per model; bounded queue and wait. ``source`` makes the
+    phone source, wired to :meth:`phone_changed`; :meth:`start` starts it."""
 
-    def __init__(self, settings: Settings, *, router: Router | None = None) -> None:
+    def __init__(self, settings: Settings, source: SourceFactory, *, router: Router | None = None) -> None:
         self._settings = settings
         self._router: Router = router or IdleLongest()
-        self._source: PhoneSource | None = None
         self._queues: dict[str, collections.deque[_Waiter]] = collections.defaultdict(collections.deque)
         self._leased: dict[str, str] = {}  # phone key -> request id (granted or running)
         self._granted: dict[str, _Waiter] = {}  # phone key -> the waiter it was granted to, not yet claimed
@@ -128,10 +136,11 @@ class PhonePool(Backend):
         self._idle_since: dict[str, float] = {}  # phone key -> when it was last handed back
         self._service_s: dict[str, float] = {}  # model -> moving average of a request's phone time
         self._served: set[str] = set()  # models a phone has served (ready or busy) since the start
-        self.queue_wait_observer: Callable[[str, float], None] | None = None
+        self._source = source(self.phone_changed)
 
-    def attach(self, source: PhoneSource) -> None:
-        self._source = source
+    async def start(self) -> None:
+        """Starts the phone source: the phones it knows at once are known when this returns."""
+        await self._source.start()
 
     # -- phone events -------------------------------------------------------------------------
 
@@ -142,7 +151,7 @@ class PhonePool(Backend):
         self._dispatch()
 
     def _phones(self) -> Mapping[str, PoolPhone]:
-        return self._source.phones if self._source is not None else {}
+        return self._source.phones
 
     def _note_served(self) -> None:
         for phone in self._phones().values():
@@ -265,9 +274,6 @@ class PhonePool(Backend):
                 f"No phone serving `{waiter.model}` became free within {timeout:g} s.", code="queue_timeout",
                 retry_after=self._retry_after(waiter.model),
             ) from None
-        finally:
-            if self.queue_wait_observer is not None:
-                self.queue_wait_observer(waiter.model, time.monotonic() - waiter.request.enqueued)
 
     @contextlib.asynccontextmanager
     async def _lease(self, params: GenerationParams, exclude: frozenset[str], *, front: bool) -> AsyncIterator[str]:
@@ -419,16 +425,13 @@ class PhonePool(Backend):
             for waiter in queue:
                 waiter.future.cancel()
             queue.clear()
-        if self._source is not None:
-            await self._source.aclose()
+        await self._source.aclose()
 
 
 async def build_backend(settings: Settings) -> PhonePool:
     """The app's backend: an ``AdbFleet`` over the configured adb servers behind a ``PhonePool``."""
     from server.backends.adb.fleet import AdbFleet
 
-    pool = PhonePool(settings)
-    fleet = AdbFleet(settings, on_change=pool.phone_changed)
-    pool.attach(fleet)  # type: ignore[arg-type]
-    await fleet.start()
+    pool = PhonePool(settings, lambda phone_changed: AdbFleet(settings, on_change=phone_changed))
+    await pool.start()
     return pool

@@ -23,6 +23,7 @@ from server.backends.base import (
 )
 from server.errors import PhoneLost
 from server.scheduling.pool import PhonePool
+from server.scheduling.routing import Router
 from server.settings import Settings
 
 
@@ -97,21 +98,25 @@ class DoublePhone:
 
 
 class DoubleSource:
-    """The pool's phone source: a dict of DoublePhones."""
+    """The pool's phone source: a dict of DoublePhones (each tells its pool of its changes itself)."""
 
     def __init__(self) -> None:
         self.phones: dict[str, DoublePhone] = {}
+
+    async def start(self) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None
 
 
-def make_pool(n: int = 2, **settings: object) -> tuple[PhonePool, dict[str, DoublePhone]]:
-    pool = PhonePool(Settings(sim=0, **settings))  # type: ignore[arg-type]
+def make_pool(
+    n: int = 2, *, router: Router | None = None, **settings: object
+) -> tuple[PhonePool, dict[str, DoublePhone]]:
     source = DoubleSource()
+    pool = PhonePool(Settings(sim=0, **settings), lambda _changed: source, router=router)  # type: ignore[arg-type]
     for i in range(n):
         source.phones[f"p{i}"] = DoublePhone(f"p{i}", pool)
-    pool.attach(source)
     return pool, source.phones
 
 

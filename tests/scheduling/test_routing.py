@@ -1,15 +1,18 @@
-"""Routing policies alone (server/scheduling/routing.py): a request and phone views in, a key out.
-No pool, no queue: the pool's tests (test_pool*.py) check that it asks the router and obeys."""
+"""Routing (server/scheduling/routing.py): policies alone (a request and phone views in, a key out; no
+pool, no queue), then the seam: the pool asks the router it was given and grants what it names."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from server.backends.base import PhoneState
+from server.errors import NoPhoneAvailable
 from server.scheduling.routing import IdleLongest, PhoneView, Router, RouteRequest
+from tests.scheduling.pool_doubles import make_pool, run
 
 READY, BUSY = PhoneState.READY, PhoneState.BUSY
 
@@ -116,3 +119,52 @@ def test_offering_phones_oldest_waiter_first_gives_each_free_phone_to_the_oldest
     phones: list[PhoneView], waiters: list[frozenset[str]]
 ) -> None:
     assert offer_oldest_first(phones, waiters) == each_phone_to_the_oldest_waiter(phones, waiters)
+
+
+# --------------------------------------------------------------------------- the pool asks the router
+
+
+class Recorder:
+    """Names the free phone listed last that the request does not avoid (unlike IdleLongest's choice
+    among equals), or none when told to decline; records what it was shown."""
+
+    def __init__(self, decline: bool = False) -> None:
+        self.decline = decline
+        self.seen: list[tuple[RouteRequest, list[PhoneView]]] = []
+
+    def choose(self, request: RouteRequest, phones: Sequence[PhoneView]) -> str | None:
+        self.seen.append((request, list(phones)))
+        free = [p.key for p in phones if p.free and p.key not in request.avoid]
+        return None if self.decline or not free else free[-1]
+
+
+async def test_the_pool_grants_the_phone_its_router_names() -> None:
+    router = Recorder()
+    pool, phones = make_pool(3, router=router)
+    await run(pool, "r0")
+    assert phones["p2"].served == ["r0"] and not phones["p0"].served
+    request, views = router.seen[0]
+    assert (request.request_id, request.model, request.avoid, list(request.prompt_ids)) == ("r0", "m", frozenset(),
+                                                                                            [1, 2, 3])
+    assert [(v.key, v.state, v.leased) for v in views] == [(k, PhoneState.READY, False) for k in phones]
+
+
+async def test_the_router_sees_busy_phones_and_a_request_waits_while_its_router_declines() -> None:
+    pool, phones = make_pool(2, router=Recorder(decline=True), queue_timeout_s=0.05)
+    phones["p1"].set_state(PhoneState.BUSY)
+    with pytest.raises(NoPhoneAvailable) as err:
+        await run(pool, "r0")
+    assert err.value.code == "queue_timeout" and not phones["p0"].served
+    router = pool._router
+    assert isinstance(router, Recorder)
+    assert {(v.key, v.state) for v in router.seen[-1][1]} == {("p0", PhoneState.READY), ("p1", PhoneState.BUSY)}
+    assert pool.audit() == []  # not stuck: the router chose to wait
+
+
+async def test_a_retry_tells_the_router_which_phone_failed_it() -> None:
+    router = Recorder()
+    pool, phones = make_pool(2, router=router)
+    phones["p1"].fail_before = 1
+    await run(pool, "r0")
+    assert phones["p1"].served == ["r0"] and phones["p0"].served == ["r0"]
+    assert router.seen[-1][0].avoid == frozenset({"p1"})
