@@ -67,7 +67,7 @@ async def test_tokenizer_is_pulled_once_then_served_from_the_cache(phone: Phone)
 
 
 async def test_cancel_mid_stream_leaves_the_same_session_reusable(lab: SimLab, phone: Phone) -> None:
-    session = phone._session
+    session = phone.runtime
     with knobs(sim_of(lab, phone), speed=1):
         agen = phone.generate(params("c1", 200))
         got = 0
@@ -82,7 +82,7 @@ async def test_cancel_mid_stream_leaves_the_same_session_reusable(lab: SimLab, p
         assert phone.state is PhoneState.READY
         events = await collect(phone.generate(params("c2", 3)))
     assert isinstance(events[-1], Finished) and events[-1].completion_tokens == 3
-    assert phone._session is session  # no restart happened
+    assert phone.runtime is session  # no restart happened
 
 
 async def test_cancelling_the_consumer_task_cancels_on_the_phone(lab: SimLab, phone: Phone) -> None:
@@ -93,7 +93,7 @@ async def test_cancelling_the_consumer_task_cancels_on_the_phone(lab: SimLab, ph
             if isinstance(ev, Tokens):
                 first.set()
 
-    session = phone._session
+    session = phone.runtime
     with knobs(sim_of(lab, phone), speed=1):
         task = asyncio.create_task(consume())
         await asyncio.wait_for(first.wait(), 5)
@@ -103,7 +103,7 @@ async def test_cancelling_the_consumer_task_cancels_on_the_phone(lab: SimLab, ph
         await wait_state(phone, PhoneState.READY, timeout=2)
         events = await collect(phone.generate(params("t2", 2)))
     assert isinstance(events[-1], Finished)
-    assert phone._session is session
+    assert phone.runtime is session
 
 
 async def test_cancel_api_ends_the_stream_with_reason_cancelled(lab: SimLab, phone: Phone) -> None:
@@ -140,10 +140,10 @@ async def test_garbage_stdout_line_is_logged_and_skipped(
 
 
 async def test_phone_error_event_keeps_the_session(phone: Phone) -> None:
-    session = phone._session
+    session = phone.runtime
     with pytest.raises(PhoneRequestError, match="bad_request"):
         await collect(phone.generate(params("x1", 2, prompt=[10**8])))  # outside the vocabulary
-    assert phone.state is PhoneState.READY and phone._session is session
+    assert phone.state is PhoneState.READY and phone.runtime is session
     events = await collect(phone.generate(params("x2", 2)))
     assert isinstance(events[-1], Finished)
 
@@ -197,7 +197,7 @@ async def test_crash_after_n_tokens_is_phone_lost_and_the_session_restarts(
 async def test_hang_is_a_stall_and_the_session_restarts(lab: SimLab, fault_phone: Phone) -> None:
     await wait_state(fault_phone, PhoneState.READY)
     stall = fault_phone.settings.stall_timeout_s
-    session = fault_phone._session
+    session = fault_phone.runtime
     t0 = time.monotonic()
     with knobs(sim_of(lab, fault_phone), hang=True):
         with pytest.raises(PhoneStalled):
@@ -205,7 +205,7 @@ async def test_hang_is_a_stall_and_the_session_restarts(lab: SimLab, fault_phone
         elapsed = time.monotonic() - t0
     assert stall <= elapsed < stall + 2
     await wait_state(fault_phone, PhoneState.READY)
-    assert fault_phone._session is not session
+    assert fault_phone.runtime is not session
     events = await collect(fault_phone.generate(params("h2", 4)))
     assert isinstance(events[-1], Finished)
 
@@ -229,7 +229,7 @@ async def test_link_dropped_mid_stream_is_phone_lost_not_a_hang(lab: SimLab, fau
 
 async def test_cancel_ignored_by_a_hung_phone_restarts_the_session(lab: SimLab, fault_phone: Phone) -> None:
     await wait_state(fault_phone, PhoneState.READY)
-    session = fault_phone._session
+    session = fault_phone.runtime
     with knobs(sim_of(lab, fault_phone), speed=1):
         agen = fault_phone.generate(params("ci1", 100))
         async for ev in agen:
@@ -242,4 +242,4 @@ async def test_cancel_ignored_by_a_hung_phone_restarts_the_session(lab: SimLab, 
         assert time.monotonic() - t0 < fault_phone.settings.cancel_timeout_s + 1
     assert fault_phone.state is not PhoneState.BUSY
     await wait_state(fault_phone, PhoneState.READY)
-    assert fault_phone._session is not session
+    assert fault_phone.runtime is not session

@@ -57,13 +57,13 @@ async def test_events_out_of_order_are_a_protocol_violation_and_restart_the_sess
 ) -> None:
     body = f"echo '{READY}'\nread line\n{VIOLATIONS[case]}\ncat >/dev/null"
     phone = await make_phone(sim, launch_command=script(sim, case, body), device_mode="session")
-    first = phone._session
+    first = phone.runtime
     with pytest.raises(ProtocolViolation):
         async for _ in phone.generate(GenerationParams("v", "qwen3.5-0.8b", [1], 4)):
             pass
-    assert phone.state is not PhoneState.READY or phone._session is not first
+    assert phone.state is not PhoneState.READY or phone.runtime is not first
     await wait_state(phone, PhoneState.READY)
-    assert phone._session is not first
+    assert phone.runtime is not first
     await phone.aclose()
 
 

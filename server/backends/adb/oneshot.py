@@ -24,10 +24,10 @@ import asyncio
 import codecs
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
-from server.backends.adb.discovery import Bundle
-from server.backends.adb.quoting import render_launch
+from server.backends.adb.runtime import Runtime
 from server.backends.adb.transport import STDERR, STDOUT, AdbServerClient, LineBuffer, ShellStream, open_shell
 from server.backends.base import Event, Finished, GenerationParams, Started, Tokens
 from server.errors import PhoneLost, PhoneRequestError, PhoneStalled
@@ -40,34 +40,88 @@ stderr_log = logging.getLogger("server.backends.adb.stderr")
 MAX_COMMAND_BYTES = 0xFFFF - len("shell,v2,raw:")
 
 
-class OneShot:
-    """Runs requests as one process each on one phone (one at a time; the Phone enforces that)."""
+@dataclass(eq=False)
+class _Run:
+    """One request's process: its stream and what its output told so far."""
 
-    def __init__(self, client: AdbServerClient, serial: str, settings: Settings, bundle: Bundle) -> None:
+    id: str
+    stream: ShellStream
+    first_wait: float  # seconds the first stdout data may take (model load and prompt included)
+    deadline: float  # loop time by which the next stdout data must come
+    t0: float
+    first_at: float | None = None  # time.monotonic() of the first stdout data
+    cancelled: bool = False
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    err: LineBuffer = field(default_factory=LineBuffer)
+    last_err: str = ""
+
+
+class OneShot(Runtime):
+    """Runs requests as one process each on one phone (one at a time; the Phone enforces that).
+
+    Nothing long-lived runs: the runtime lives until it is closed, and a failed request does not end
+    it (the Phone counts such failures itself)."""
+
+    kind = "oneshot"
+
+    def __init__(
+        self, client: AdbServerClient, serial: str, settings: Settings, command: Callable[[str, int], str]
+    ) -> None:
         self.serial = serial
         self._client = client
         self._settings = settings
-        self._bundle = bundle
-        self._stream: ShellStream | None = None
-        self._request_id: str | None = None
-        self._cancelled = False
+        self._command = command  # (prompt, max_new) -> the phone shell command (launcher.py renders it)
+        self._run: _Run | None = None
+        self._closed_reason: str | None = None
+        self._closed = asyncio.Event()
 
-    def command(self, prompt: str, max_new: int) -> str:
-        return render_launch(
-            self._settings.launch_command,
-            root=self._settings.device_root,
-            manifest=self._bundle.manifest_path,
-            artifacts=self._bundle.name,
-            max_new=max_new,
-            prompt=prompt,
-        )
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def alive(self) -> bool:
+        return self._closed_reason is None
+
+    async def wait_closed(self) -> str:
+        await self._closed.wait()
+        assert self._closed_reason is not None
+        return self._closed_reason
+
+    async def close(self) -> None:
+        self.abort("closed")
+
+    def abort(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+            self._closed.set()
+        if self._run is not None:
+            self._run.stream.abort()  # the request in flight fails with PhoneLost
 
     async def cancel(self, request_id: str) -> None:
-        if self._request_id == request_id and self._stream is not None:
-            self._cancelled = True
-            self._stream.abort()
+        run = self._run
+        if run is not None and run.id == request_id:
+            run.cancelled = True
+            run.stream.abort()
+
+    # ------------------------------------------------------------------ one request
 
     async def generate(self, params: GenerationParams) -> AsyncIterator[Event]:
+        command = self._checked_command(params)
+        run = await self._open(params, command)
+        try:
+            yield Started(run.id, len(params.prompt_ids), 0, self.serial)
+            async for text in self._output(run):
+                yield Tokens(run.id, [], None, text)
+            finished = self._finished(run, params)
+            self._release(run)  # idle before the consumer hears Finished
+            yield finished
+        finally:
+            self._release(run)
+
+    def _checked_command(self, params: GenerationParams) -> str:
+        if not self.alive:
+            raise PhoneLost(f"{self.serial}: {self._closed_reason}")
         if params.prompt_text is None:
             raise PhoneRequestError(
                 f"{self.serial}: one-shot mode needs the prompt text (prompt_text is None)"
@@ -77,77 +131,81 @@ class OneShot:
                 f"{self.serial}: a prompt of exactly '-' makes qhx_generate start the session protocol; "
                 "it cannot be sent in one-shot mode"
             )
-        command = self.command(params.prompt_text, params.max_new)
+        command = self._command(params.prompt_text, params.max_new)
         if len(command.encode()) > MAX_COMMAND_BYTES:
             raise PhoneRequestError(
                 f"{self.serial}: prompt too long for a one-shot command line "
                 f"({len(command.encode())} bytes > {MAX_COMMAND_BYTES})"
             )
-        rid = params.request_id
+        return command
+
+    async def _open(self, params: GenerationParams, command: str) -> _Run:
         t0 = time.monotonic()
         stream = await open_shell(self._client, self.serial, command)
-        self._stream, self._request_id, self._cancelled = stream, rid, False
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        err = LineBuffer()
-        last_err = ""
-        first_at: float | None = None
+        stream.close_stdin()
         # the first byte waits for the model load and the whole prompt; then the stall timeout runs
         # from the last stdout data (stderr chatter does not count as progress)
-        loop = asyncio.get_running_loop()
         first_wait = (
             self._settings.ready_timeout_s
             + len(params.prompt_ids) * self._settings.prefill_ms_per_token / 1000
             + self._settings.stall_timeout_s
         )
-        deadline = loop.time() + first_wait
+        run = _Run(params.request_id, stream, first_wait, asyncio.get_running_loop().time() + first_wait, t0)
+        self._run = run
+        return run
+
+    async def _output(self, run: _Run) -> AsyncIterator[str]:
+        """The process's stdout as text (whole UTF-8 characters), until it ends or is cancelled."""
+        while packets := await self._read(run):
+            for kind, data in packets:
+                if kind == STDOUT:
+                    if run.first_at is None:
+                        run.first_at = time.monotonic()
+                    run.deadline = asyncio.get_running_loop().time() + self._settings.stall_timeout_s
+                    if text := run.decoder.decode(data):
+                        yield text
+                elif kind == STDERR:
+                    self._log_stderr(run, data)
+        if tail := run.decoder.decode(b"", final=True):
+            yield tail
+
+    async def _read(self, run: _Run) -> list[tuple[int, bytes]]:
+        """The next packets; [] at the end (or when cancelled); PhoneStalled / PhoneLost."""
         try:
-            stream.close_stdin()
-            yield Started(rid, len(params.prompt_ids), 0, self.serial)
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        packets = await stream.read_packets()
-                except TimeoutError:
-                    waited = first_wait if first_at is None else self._settings.stall_timeout_s
-                    raise PhoneStalled(
-                        f"{self.serial}: one-shot request {rid}: no output for {waited:g} s"
-                    ) from None
-                except (ConnectionError, OSError) as e:
-                    if self._cancelled:
-                        break
-                    raise PhoneLost(f"{self.serial}: adb stream failed during request {rid}: {e!r}") from e
-                if not packets:
-                    break
-                for kind, data in packets:
-                    if kind == STDOUT:
-                        if first_at is None:
-                            first_at = time.monotonic()
-                        deadline = loop.time() + self._settings.stall_timeout_s
-                        text = decoder.decode(data)
-                        if text:
-                            yield Tokens(rid, [], None, text)
-                    elif kind == STDERR:
-                        for raw in err.feed(data):
-                            last_err = raw.decode("utf-8", errors="replace").rstrip()
-                            stderr_log.info("[%s] %s", self.serial, last_err)
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                yield Tokens(rid, [], None, tail)
-            end = time.monotonic()
-            prefill_ms = ((first_at or end) - t0) * 1000
-            decode_ms = (end - (first_at or end)) * 1000
-            if self._cancelled:
-                yield Finished(rid, "cancelled", len(params.prompt_ids), 0, prefill_ms, decode_ms)
-            elif stream.exit_code == 0:
-                yield Finished(rid, "length", len(params.prompt_ids), 0, prefill_ms, decode_ms)
-            elif stream.exit_code is None:
-                raise PhoneLost(f"{self.serial}: adb stream dropped during one-shot request {rid}")
-            else:
-                last = err.flush().decode("utf-8", errors="replace").strip() or last_err
-                raise PhoneLost(
-                    f"{self.serial}: qhx_generate exited with code {stream.exit_code} during request {rid}"
-                    + (f" ({last[:200]})" if last else "")
-                )
-        finally:
-            stream.abort()
-            self._stream, self._request_id = None, None
+            async with asyncio.timeout_at(run.deadline):
+                return await run.stream.read_packets()
+        except TimeoutError:
+            waited = run.first_wait if run.first_at is None else self._settings.stall_timeout_s
+            raise PhoneStalled(f"{self.serial}: one-shot request {run.id}: no output for {waited:g} s") from None
+        except (ConnectionError, OSError) as e:
+            if run.cancelled:
+                return []
+            raise PhoneLost(f"{self.serial}: adb stream failed during request {run.id}: {e!r}") from e
+
+    def _log_stderr(self, run: _Run, data: bytes) -> None:
+        for raw in run.err.feed(data):
+            run.last_err = raw.decode("utf-8", errors="replace").rstrip()
+            stderr_log.info("[%s] %s", self.serial, run.last_err)
+
+    def _finished(self, run: _Run, params: GenerationParams) -> Finished:
+        """How the process ended, as Finished; PhoneLost when it died or its stream dropped."""
+        end = time.monotonic()
+        first = run.first_at or end
+        prefill_ms, decode_ms = (first - run.t0) * 1000, (end - first) * 1000
+        exit_code = run.stream.exit_code
+        if run.cancelled:
+            return Finished(run.id, "cancelled", len(params.prompt_ids), 0, prefill_ms, decode_ms)
+        if exit_code == 0:
+            return Finished(run.id, "length", len(params.prompt_ids), 0, prefill_ms, decode_ms)
+        if exit_code is None:
+            raise PhoneLost(f"{self.serial}: adb stream dropped during one-shot request {run.id}")
+        last = run.err.flush().decode("utf-8", errors="replace").strip() or run.last_err
+        raise PhoneLost(
+            f"{self.serial}: qhx_generate exited with code {exit_code} during request {run.id}"
+            + (f" ({last[:200]})" if last else "")
+        )
+
+    def _release(self, run: _Run) -> None:
+        run.stream.abort()
+        if self._run is run:
+            self._run = None

@@ -1,4 +1,4 @@
-"""One phone as a Backend: discovery, a supervised session (or one-shot mode), health.
+"""One phone as a Backend: discovery, a supervised runtime (session or one-shot), health.
 
 State machine (PhoneState)::
 
@@ -10,16 +10,20 @@ State machine (PhoneState)::
                                 |                               in a row)
                                 +--(backoff)-- QUARANTINED     (quarantine_after failures in a row)
 
-A supervisor task discovers the phone, starts the session and waits for it to end; a dead session is
-restarted with exponential backoff capped at ``settings.restart_backoff_max_s`` (reset once a session
-has served a request or lived a minute). ``device_mode=auto`` falls back to one-shot for this phone,
-logged once, when the runtime does not answer the session start with ``ready``. Every state change
-calls ``on_change(phone)`` so that a scheduler can react (phone ready, idle, gone).
+A supervisor task discovers the phone, starts its runtime (runtime.py: a session, or one-shot mode;
+launcher.py picks one) and waits for it to end; an ended runtime is restarted with exponential backoff
+capped at ``settings.restart_backoff_max_s`` (reset once a runtime has served a request or lived a
+minute). Every state change calls ``on_change(phone)`` so that a scheduler can react (phone ready,
+idle, gone).
 
-Health (quarantine) lives here, in the phone's supervisor, not in the pool: a *failure* is a session
+The phone's state (READY, BUSY ...) and the request in flight are the Phone's alone: it marks the
+phone BUSY when it admits a request and ends the request itself (READY again) when the runtime
+finished it, or, when the consumer left early, once the runtime let go of it (``runtime.settling``).
+
+Health (quarantine) lives here, in the phone's supervisor, not in the pool: a *failure* is a runtime
 that ended (a request that stalled, crashed or broke the protocol ends its session; so does a phone
-that dies while idle), a session start that failed, or, in one-shot mode, a request that failed that
-way. After ``quarantine_after`` failures in a row the phone is QUARANTINED (out of rotation, its
+that dies while idle), a runtime start that failed, or a request that failed that way while its
+runtime lived on (one-shot mode: one process per request). After ``quarantine_after`` failures in a row the phone is QUARANTINED (out of rotation, its
 ``last_error`` and ``retry_in_s`` in its health) for ``quarantine_s``, doubled at each further failure
 up to ``quarantine_max_s``, then started again. A request that finishes resets the count; so does
 plugging the phone in again (start from OFFLINE). The pool only routes to READY phones.
@@ -35,9 +39,8 @@ from collections.abc import AsyncIterator, Callable
 from adbutils.errors import AdbError
 
 from server.backends.adb.discovery import PhoneFacts, discover
-from server.backends.adb.oneshot import OneShot
-from server.backends.adb.quoting import render_launch
-from server.backends.adb.session import Session, SessionUnsupported
+from server.backends.adb.launcher import Launcher
+from server.backends.adb.runtime import Runtime
 from server.backends.adb.transport import AdbServerClient
 from server.backends.base import (
     Backend,
@@ -63,7 +66,7 @@ from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-STABLE_SESSION_S = 60.0  # a session that lived this long resets the restart backoff
+STABLE_SESSION_S = 60.0  # a runtime that lived this long resets the restart backoff
 # request errors that are the phone's fault (a rejected request, PhoneRequestError, is not)
 PHONE_FAULTS = (PhoneLost, PhoneStalled, ProtocolViolation)
 
@@ -88,23 +91,31 @@ class Phone(Backend):
         self.state_since = time.monotonic()
         self.model: ModelInfo | None = None
         self.facts: PhoneFacts | None = None
-        self.mode: str | None = None  # session | oneshot
         self.last_error: str | None = None
         self.on_change = on_change
         self._client = client or AdbServerClient(adb_server, timeout=settings.adb_timeout_s)
-        self._session: Session | None = None
-        self._oneshot: OneShot | None = None
+        self._launcher = Launcher(self._client, serial, settings, name=self.key)
+        self._runtime: Runtime | None = None  # the last one started (kept after it ended: its kind)
         self._supervisor: asyncio.Task[None] | None = None
-        self._request_id: str | None = None
+        self._request_id: str | None = None  # the request in flight (set exactly while it is BUSY)
         self._tokens_served = 0
         self._last_tps: float | None = None
         self._ready_since: float | None = None
-        self._fallback_logged = False
         self._failures = 0  # in a row; see the module docstring (health)
         self._quarantine_until: float | None = None  # time.monotonic()
 
     def __repr__(self) -> str:
         return f"<Phone {self.key} {self.state.value} {self.mode or '-'}>"
+
+    @property
+    def runtime(self) -> Runtime | None:
+        """The runtime started last (it may have ended since); None before the first and after stop."""
+        return self._runtime
+
+    @property
+    def mode(self) -> str | None:
+        """The kind of the runtime started last: ``session`` or ``oneshot`` (None before the first)."""
+        return self._runtime.kind if self._runtime is not None else None
 
     # ------------------------------------------------------------------ state
 
@@ -126,10 +137,6 @@ class Phone(Backend):
             except Exception:
                 logger.exception("%s: on_change hook failed", self.key)
 
-    def _on_session_idle(self) -> None:
-        if self.state is PhoneState.BUSY and self._session is not None and self._session.alive:
-            self._set_state(PhoneState.READY)
-
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -141,7 +148,7 @@ class Phone(Backend):
         self._supervisor = asyncio.create_task(self._supervise(), name=f"qhx-phone-{self.key}")
 
     async def stop(self, reason: str = "stopped", *, graceful: bool = True) -> None:
-        """Stop supervising and end the session (a request in flight fails with PhoneLost); OFFLINE."""
+        """Stop supervising and end the runtime (a request in flight fails with PhoneLost); OFFLINE."""
         sup, self._supervisor = self._supervisor, None
         if sup is not None and not sup.done():
             sup.cancel()
@@ -149,90 +156,72 @@ class Phone(Backend):
                 await sup
             except asyncio.CancelledError:
                 pass
-        session, self._session = self._session, None
-        if session is not None:
+        runtime, self._runtime = self._runtime, None
+        if runtime is not None:
             if graceful:
-                await session.close()
+                await runtime.close()
             else:
-                session.abort(reason)
-        self._oneshot = None
-        self.mode = None
+                runtime.abort(reason)
+        self._launcher.reset()
         self._set_state(PhoneState.OFFLINE, reason)
 
     async def aclose(self) -> None:
         await self.stop("closed")
 
-    def launch_command(self, prompt: str, max_new: int) -> str:
-        assert self.facts is not None and self.facts.bundle is not None
-        bundle = self.facts.bundle
-        return render_launch(
-            self.settings.launch_command,
-            root=self.settings.device_root,
-            manifest=bundle.manifest_path,
-            artifacts=bundle.name,
-            max_new=max_new,
-            prompt=prompt,
-        )
-
     async def _supervise(self) -> None:
+        """Start the runtime, serve until it ends, start it again (backoff, quarantine), for ever."""
         attempt = 0
         facts: PhoneFacts | None = None
         while True:
-            if self._failures >= self.settings.quarantine_after:
-                await self._quarantine()
-            elif attempt:
-                delay = min(2.0 ** (attempt - 1), self.settings.restart_backoff_max_s)
-                self._set_state(PhoneState.RESTARTING)
-                logger.info("%s: restarting in %.1f s (attempt %d)", self.key, delay, attempt + 1)
-                await asyncio.sleep(delay)
+            await self._wait_before_start(attempt)
             self._set_state(PhoneState.STARTING)
             attempt += 1
             try:
-                if facts is None:  # rediscover unless the last session got going with these facts
-                    facts = await discover(self._client, self.serial, self.settings)
-                    self.facts, self.model = facts, facts.model
+                if facts is None:  # rediscover unless the last runtime got going with these facts
+                    facts = await self._discover()
                 if facts.problem is not None:
-                    if facts.problem != self.last_error:  # rechecked now and then: say it once
-                        logger.error("%s: cannot serve: %s", self.key, facts.problem)
-                    self._set_state(PhoneState.INCOMPATIBLE, facts.problem)
+                    self._incompatible(facts.problem)
                     return
-                if self.settings.device_mode == "oneshot" or self.mode == "oneshot":
-                    self._start_oneshot(facts)
-                    return  # nothing long-lived to supervise
-                try:
-                    session = await Session.start(
-                        self._client,
-                        self.serial,
-                        self.launch_command("-", self.settings.session_max_new),
-                        self.settings,
-                        on_idle=self._on_session_idle,
-                    )
-                except SessionUnsupported as e:
-                    if self.settings.device_mode != "auto":
-                        raise PhoneLost(f"{self.serial}: device_mode=session but {e}") from e
-                    if not self._fallback_logged:
-                        logger.warning(
-                            "%s: no session protocol (%s); using one-shot mode for this phone", self.key, e
-                        )
-                        self._fallback_logged = True
-                    self._start_oneshot(facts)
-                    return
-                self._check_ready(session)
-                self._session, self.mode = session, "session"
-                served_before = self._tokens_served
-                self._set_state(PhoneState.READY, None)
-                since = time.monotonic()
-                reason = await session.wait_closed()
-                self._session = None
-                if self._tokens_served > served_before or time.monotonic() - since > STABLE_SESSION_S:
+                runtime = await self._launcher.start(facts)
+                if await self._serve(runtime):
                     attempt = 1
-                self.last_error = reason
-                self._failures += 1  # stop() cancels this task: a session that ends here failed
             except (BackendError, AdbError, OSError) as e:
                 logger.warning("%s: start failed: %s", self.key, e)
                 self.last_error = str(e)
                 self._failures += 1
                 facts = None
+
+    async def _wait_before_start(self, attempt: int) -> None:
+        """Quarantine after too many failures in a row; else back off after a failed attempt."""
+        if self._failures >= self.settings.quarantine_after:
+            await self._quarantine()
+        elif attempt:
+            delay = min(2.0 ** (attempt - 1), self.settings.restart_backoff_max_s)
+            self._set_state(PhoneState.RESTARTING)
+            logger.info("%s: restarting in %.1f s (attempt %d)", self.key, delay, attempt + 1)
+            await asyncio.sleep(delay)
+
+    async def _discover(self) -> PhoneFacts:
+        facts = await discover(self._client, self.serial, self.settings)
+        self.facts, self.model = facts, facts.model
+        return facts
+
+    def _incompatible(self, problem: str) -> None:
+        if problem != self.last_error:  # rechecked now and then: say it once
+            logger.error("%s: cannot serve: %s", self.key, problem)
+        self._set_state(PhoneState.INCOMPATIBLE, problem)
+
+    async def _serve(self, runtime: Runtime) -> bool:
+        """READY on ``runtime`` until it ends, which is a failure; whether it served well (a request,
+        or a minute), which resets the restart backoff."""
+        self._runtime = runtime
+        served_before, since = self._tokens_served, time.monotonic()
+        self._set_state(PhoneState.READY, None)
+        reason = await runtime.wait_closed()  # stop() cancels this task: a runtime that ends here failed
+        if self._quarantine_until is None:  # (else the request that quarantined the phone counted it)
+            self.last_error = reason
+            self._failures += 1
+        return self._tokens_served > served_before or time.monotonic() - since > STABLE_SESSION_S
 
     def _enter_quarantine(self) -> None:
         """QUARANTINED for the backoff of the current failure series (see the module docstring)."""
@@ -252,71 +241,40 @@ class Phone(Backend):
         finally:
             self._quarantine_until = None
 
-    def _start_oneshot(self, facts: PhoneFacts) -> None:
-        assert facts.bundle is not None
-        self.mode = "oneshot"
-        self._oneshot = OneShot(self._client, self.serial, self.settings, facts.bundle)
-        self._set_state(PhoneState.READY, None)
-
-    def _check_ready(self, session: Session) -> None:
-        ready, model = session.ready, self.model
-        if model is None:
-            return
-        if ready.get("max_context") not in (None, model.max_context) and self.settings.max_context is None:
-            logger.warning(
-                "%s: runtime says max_context %s, manifest name says %d; using %d",
-                self.key,
-                ready.get("max_context"),
-                model.max_context,
-                model.max_context,
-            )
-
     # ------------------------------------------------------------------ the contract
 
     async def generate(self, params: GenerationParams) -> AsyncIterator[Event]:
-        session = self._session
-        if session is not None and session.pending_cleanup is not None and not session.pending_cleanup.done():
-            # the previous request is still being cancelled on the phone (bounded by cancel_timeout_s)
-            await asyncio.wait([session.pending_cleanup], timeout=self.settings.cancel_timeout_s + 1)
-        self._admit(params)
-        self._request_id = params.request_id
+        await self._settled()
+        runtime = self._admit(params)
+        rid = params.request_id
+        self._request_id = rid
         self._set_state(PhoneState.BUSY)
-        source: AsyncIterator[Event]
-        if self.mode == "session" and self._session is not None:
-            source = self._session.generate(params)
-        else:
-            assert self._oneshot is not None
-            source = self._oneshot.generate(params)
+        source = runtime.generate(params)
+        counted = False  # this request's failure was counted here
         try:
             async for ev in source:
-                if isinstance(ev, Tokens):
-                    self._tokens_served += len(ev.ids)
-                elif isinstance(ev, Finished):
-                    self._failures = 0
-                    if ev.decode_ms > 0 and ev.completion_tokens > 0:
-                        self._last_tps = ev.completion_tokens / (ev.decode_ms / 1000)
+                self._account(ev)
+                if isinstance(ev, Finished):
+                    self._end_request(runtime, rid)  # the runtime is idle: so is the phone
                 yield ev
         except BackendError as e:
-            self.last_error = str(e)
-            if self.mode == "oneshot" and isinstance(e, PHONE_FAULTS):
-                self._failures += 1  # (in session mode the supervisor counts the session's end)
+            counted = self._count_failure(e, runtime)
             raise
         finally:
             await source.aclose()  # type: ignore[attr-defined]
-            self._request_id = None
-            if self.state is PhoneState.BUSY:
-                if self.mode == "oneshot" and self._failures >= self.settings.quarantine_after:
-                    self._enter_quarantine()  # the supervisor waits it out, then starts over
-                    self._supervisor = asyncio.create_task(self._supervise(), name=f"qhx-phone-{self.key}")
-                elif self.mode == "oneshot":
-                    self._set_state(PhoneState.READY)
-                elif self._session is None or not self._session.alive:
-                    self._set_state(PhoneState.RESTARTING)  # the supervisor takes it from here
+            self._end_request_once_settled(runtime, rid, counted)
 
-    def _admit(self, params: GenerationParams) -> None:
+    async def _settled(self) -> None:
+        """Wait, bounded, while the runtime still winds down a request whose consumer left."""
+        settling = self._runtime.settling if self._runtime is not None else None
+        if settling is not None:
+            # the previous request is still being cancelled on the phone (bounded by cancel_timeout_s)
+            await asyncio.wait([settling], timeout=self.settings.cancel_timeout_s + 1)
+
+    def _admit(self, params: GenerationParams) -> Runtime:
         if self.state is PhoneState.BUSY:
             raise PhoneBusy(f"{self.serial}: request {self._request_id} is still running")
-        if self.state is not PhoneState.READY or self.model is None:
+        if self.state is not PhoneState.READY or self.model is None or self._runtime is None:
             raise NoPhoneAvailable(
                 f"phone {self.serial} is {self.state.value}: {self.last_error or 'not ready'}"
             )
@@ -327,14 +285,51 @@ class Phone(Backend):
                 f"prompt is {len(params.prompt_ids)} tokens; {self.model.name} has a context of "
                 f"{self.model.max_context} (prompt plus generated tokens)"
             )
+        return self._runtime
+
+    def _account(self, ev: Event) -> None:
+        if isinstance(ev, Tokens):
+            self._tokens_served += len(ev.ids)
+        elif isinstance(ev, Finished):
+            self._failures = 0
+            if ev.decode_ms > 0 and ev.completion_tokens > 0:
+                self._last_tps = ev.completion_tokens / (ev.decode_ms / 1000)
+
+    def _count_failure(self, e: BackendError, runtime: Runtime) -> bool:
+        """Note a failed request; whether it counts as a failure here: a phone fault its runtime
+        survived (a runtime that ended is counted by the supervisor)."""
+        self.last_error = str(e)
+        if isinstance(e, PHONE_FAULTS) and runtime.alive:
+            self._failures += 1
+            return True
+        return False
+
+    def _end_request_once_settled(self, runtime: Runtime, rid: str, counted: bool) -> None:
+        settling = runtime.settling
+        if settling is None:
+            self._end_request(runtime, rid, counted)
+        else:  # the consumer left and the phone is still finishing: the phone is busy until then
+            settling.add_done_callback(lambda _: self._end_request(runtime, rid, counted))
+
+    def _end_request(self, runtime: Runtime, rid: str, counted: bool = False) -> None:
+        """Request ``rid`` is over on the phone: READY again, unless its runtime ended (the supervisor
+        restarts it) or its failure was one too many (QUARANTINED; the supervisor waits it out)."""
+        if self._request_id != rid:
+            return
+        self._request_id = None
+        if self.state is not PhoneState.BUSY:
+            return  # the supervisor took over (the runtime ended)
+        if not runtime.alive:
+            self._set_state(PhoneState.RESTARTING)  # the supervisor takes it from here
+        elif counted and self._failures >= self.settings.quarantine_after:
+            self._enter_quarantine()
+            runtime.abort(f"quarantined: {self.last_error}")  # the supervisor waits the quarantine out
+        else:
+            self._set_state(PhoneState.READY)
 
     async def cancel(self, request_id: str) -> None:
-        if self._request_id != request_id:
-            return
-        if self.mode == "session" and self._session is not None:
-            await self._session.cancel(request_id)
-        elif self._oneshot is not None:
-            await self._oneshot.cancel(request_id)
+        if self._request_id == request_id and self._runtime is not None:
+            await self._runtime.cancel(request_id)
 
     def models(self) -> list[ModelInfo]:
         if self.model is None or self.state in (
@@ -371,7 +366,7 @@ class Phone(Backend):
         ]
 
     async def ping(self, timeout: float = 5.0) -> float | None:
-        """Session round trip in seconds (None in one-shot mode or without a session)."""
-        if self._session is None or not self._session.alive:
+        """Round trip to the runtime's process in seconds (None in one-shot mode or without a runtime)."""
+        if self._runtime is None or not self._runtime.alive:
             return None
-        return await self._session.ping(timeout)
+        return await self._runtime.ping(timeout)

@@ -1,8 +1,9 @@
 """One long-lived ``qhx_generate`` process on a phone, speaking session protocol v1 (device-protocol.md 3).
 
-A background reader task owns the stream: it splits stdout into JSON lines and routes each event to
-the request in flight (an inbox), logs stderr lines with the phone's serial, and notices the end of the
-process or of the adb stream. ``generate()`` turns the inbox into contract events and enforces order::
+A :class:`~server.backends.adb.runtime.Runtime`. A background reader task owns the stream: it splits
+stdout into JSON lines and routes each event to the request it belongs to (an inbox), logs stderr lines
+with the phone's serial, and notices the end of the process or of the adb stream. ``generate()`` turns
+the inbox into contract events and enforces order::
 
     start -> tok* -> done          (or error with our id, at any point)
 
@@ -22,10 +23,11 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.backends.adb.runtime import Runtime
 from server.backends.adb.transport import (
     STDERR,
     STDOUT,
@@ -68,7 +70,9 @@ class _Request:
     inbox: deque[dict[str, Any] | _Closed] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     last_at: float = 0.0  # loop time of the last event (the stall clock)
+    timeout: float = 0.0  # the stall timeout that applies to the next event
     started: bool = False
+    over: bool = False  # the request ended (done, an error event, or given up after a cancel)
     completion: int = 0
     cancel_deadline: float | None = None
 
@@ -100,24 +104,21 @@ def request_error(ev: dict[str, Any], serial: str) -> BackendError | ContextLeng
     return PhoneRequestError(f"phone rejected the request ({code}): {message}")
 
 
-class Session:
-    """A started session; build it with ``await Session.start(...)``."""
+class Session(Runtime):
+    """A started session; build it with ``await Session.start(...)``.
 
-    def __init__(
-        self,
-        stream: ShellStream,
-        serial: str,
-        settings: Settings,
-        *,
-        on_idle: Callable[[], None] | None = None,
-    ) -> None:
+    It keeps only what routes protocol events: the request its events belong to (``_request``).
+    Whether the phone is busy is the Phone's to say (server/backends/adb/phone.py)."""
+
+    kind = "session"
+
+    def __init__(self, stream: ShellStream, serial: str, settings: Settings) -> None:
         self.serial = serial
         self.ready: dict[str, Any] = {}
         self.closed_reason: str | None = None
-        self.pending_cleanup: asyncio.Task[None] | None = None
+        self._cleanup: asyncio.Task[None] | None = None
         self._stream = stream
         self._settings = settings
-        self._on_idle = on_idle
         self._loop = asyncio.get_running_loop()
         self._out = bytearray()
         self._err = LineBuffer()
@@ -140,12 +141,10 @@ class Session:
         serial: str,
         command: str,
         settings: Settings,
-        *,
-        on_idle: Callable[[], None] | None = None,
     ) -> Session:
         """Launch the runtime and wait for ``ready``. Raises SessionUnsupported or PhoneLost."""
         stream = await open_shell(client, serial, command)
-        self = cls(stream, serial, settings, on_idle=on_idle)
+        self = cls(stream, serial, settings)
         self._reader = asyncio.create_task(self._read_loop(), name=f"qhx-session-reader-{serial}")
         try:
             async with asyncio.timeout(settings.ready_timeout_s):
@@ -173,12 +172,9 @@ class Session:
         return self.closed_reason is None
 
     @property
-    def busy(self) -> bool:
-        return self._request is not None
-
-    @property
-    def request_id(self) -> str | None:
-        return self._request.id if self._request else None
+    def settling(self) -> asyncio.Task[None] | None:
+        cleanup = self._cleanup
+        return cleanup if cleanup is not None and not cleanup.done() else None
 
     async def wait_closed(self) -> str:
         await self._closed.wait()
@@ -410,77 +406,14 @@ class Session:
 
     async def generate(self, params: GenerationParams) -> AsyncIterator[Event]:
         """Run one request on this session; see the module docstring for the failure rules."""
-        if self._request is not None:
-            raise PhoneBusy(f"{self.serial}: request {self._request.id} is still running")
-        if not self.alive:
-            raise PhoneLost(f"{self.serial}: {self.closed_reason}")
-        req = _Request(params.request_id, last_at=self._loop.time())
-        self._request = req
-        stall = self._settings.stall_timeout_s
-        finished = False
+        req = self._begin(params)
         try:
             self._send(request_message(params))
             await self._stream.drain()
-            timeout = stall
-            while True:
-                item = await self._next(req, timeout)
-                if isinstance(item, _Closed):
-                    if item.reason == "cancel-timeout":
-                        self.abort(f"no `done` within {self._settings.cancel_timeout_s:g} s of cancel")
-                        finished = True
-                        yield Finished(req.id, "cancelled", 0, req.completion, 0.0, 0.0)
-                        return
-                    raise PhoneLost(f"{self.serial}: {item.reason} during request {req.id}")
-                kind = item["ev"]
-                if kind not in ("start", "tok", "done", "error"):
-                    logger.info("%s: request %s: unknown event %r ignored", self.serial, req.id, kind)
-                    continue
-                if item.get("id") != req.id:
-                    raise self._violation(req, f"{kind} event for id {item.get('id')!r}")
-                if kind == "tok":
-                    if not req.started:
-                        raise self._violation(req, "tok before start")
-                    ids, t_ms = self._tok_fields(req, item)
-                    # the consumer was slower than the phone: hand over all waiting tokens at once
-                    while req.inbox:
-                        nxt = req.inbox[0]
-                        if isinstance(nxt, _Closed) or nxt.get("ev") != "tok" or nxt.get("id") != req.id:
-                            break
-                        req.inbox.popleft()
-                        more, t_ms = self._tok_fields(req, nxt)
-                        ids.extend(more)
-                    req.completion += len(ids)
-                    timeout = stall
-                    yield Tokens(req.id, ids, t_ms)
-                elif kind == "start":
-                    if req.started:
-                        raise self._violation(req, "second start")
-                    req.started = True
-                    prompt_tokens = self._int(req, item, "prompt_tokens", len(params.prompt_ids))
-                    # decode-over-prompt: the first token waits for the whole prompt
-                    timeout = stall + prompt_tokens * self._settings.prefill_ms_per_token / 1000
-                    yield Started(req.id, prompt_tokens, self._int(req, item, "state_tokens", 0), self.serial)
-                elif kind == "done":
-                    if not req.started:
-                        raise self._violation(req, "done before start")
-                    reason = item.get("reason")
-                    if reason not in FINISH_REASONS:
-                        raise self._violation(req, f"done with reason {reason!r}")
-                    finished = True
-                    self._end(req)
-                    yield Finished(
-                        req.id,
-                        reason,
-                        self._int(req, item, "prompt_tokens", 0),
-                        self._int(req, item, "completion_tokens", req.completion),
-                        self._ms(item, "prefill_ms"),
-                        self._ms(item, "decode_ms"),
-                    )
-                    return
-                elif kind == "error":
-                    finished = True
-                    self._end(req)
-                    raise request_error(item, self.serial)
+            while not req.over:
+                event = self._event(req, params, await self._next(req, req.timeout))
+                if event is not None:
+                    yield event
         except PhoneStalled:
             self.abort(f"stalled during request {req.id}")
             raise
@@ -488,14 +421,98 @@ class Session:
             self.abort(f"adb stream failed: {e!r}")
             raise PhoneLost(f"{self.serial}: adb stream failed during request {req.id}: {e!r}") from e
         finally:
-            if not finished:
-                if self.alive and self._request is req:
-                    # the consumer left (aclose or cancellation): stop the phone, bounded; shielded so
-                    # that a second cancellation cannot leave the phone generating for nobody
-                    self.pending_cleanup = asyncio.create_task(self._cancel_and_drain(req))
-                    await asyncio.shield(self.pending_cleanup)
-                else:
-                    self._end(req)
+            await self._wind_down(req)
+
+    def _begin(self, params: GenerationParams) -> _Request:
+        if self._request is not None:  # events could not be told apart: one request at a time
+            raise PhoneBusy(f"{self.serial}: request {self._request.id} is still running")
+        if not self.alive:
+            raise PhoneLost(f"{self.serial}: {self.closed_reason}")
+        req = _Request(params.request_id, last_at=self._loop.time(), timeout=self._settings.stall_timeout_s)
+        self._request = req
+        return req
+
+    def _event(self, req: _Request, params: GenerationParams, item: dict[str, Any] | _Closed) -> Event | None:
+        """The contract event for one item of the inbox (None: nothing to tell); raises on failures."""
+        if isinstance(item, _Closed):
+            return self._on_closed_item(req, item)
+        kind = item["ev"]
+        if kind not in ("start", "tok", "done", "error"):
+            logger.info("%s: request %s: unknown event %r ignored", self.serial, req.id, kind)
+            return None
+        if item.get("id") != req.id:
+            raise self._violation(req, f"{kind} event for id {item.get('id')!r}")
+        if kind == "tok":
+            return self._on_tok(req, item)
+        if kind == "start":
+            return self._on_start(req, params, item)
+        if kind == "done":
+            return self._on_done(req, item)
+        req.over = True
+        self._end(req)
+        raise request_error(item, self.serial)
+
+    def _on_closed_item(self, req: _Request, item: _Closed) -> Event:
+        if item.reason != "cancel-timeout":
+            raise PhoneLost(f"{self.serial}: {item.reason} during request {req.id}")
+        self.abort(f"no `done` within {self._settings.cancel_timeout_s:g} s of cancel")
+        req.over = True
+        self._end(req)
+        return Finished(req.id, "cancelled", 0, req.completion, 0.0, 0.0)
+
+    def _on_tok(self, req: _Request, item: dict[str, Any]) -> Tokens:
+        if not req.started:
+            raise self._violation(req, "tok before start")
+        ids, t_ms = self._tok_fields(req, item)
+        # the consumer was slower than the phone: hand over all waiting tokens at once
+        while req.inbox:
+            nxt = req.inbox[0]
+            if isinstance(nxt, _Closed) or nxt.get("ev") != "tok" or nxt.get("id") != req.id:
+                break
+            req.inbox.popleft()
+            more, t_ms = self._tok_fields(req, nxt)
+            ids.extend(more)
+        req.completion += len(ids)
+        req.timeout = self._settings.stall_timeout_s
+        return Tokens(req.id, ids, t_ms)
+
+    def _on_start(self, req: _Request, params: GenerationParams, item: dict[str, Any]) -> Started:
+        if req.started:
+            raise self._violation(req, "second start")
+        req.started = True
+        prompt_tokens = self._int(req, item, "prompt_tokens", len(params.prompt_ids))
+        # decode-over-prompt: the first token waits for the whole prompt
+        req.timeout = self._settings.stall_timeout_s + prompt_tokens * self._settings.prefill_ms_per_token / 1000
+        return Started(req.id, prompt_tokens, self._int(req, item, "state_tokens", 0), self.serial)
+
+    def _on_done(self, req: _Request, item: dict[str, Any]) -> Finished:
+        if not req.started:
+            raise self._violation(req, "done before start")
+        reason = item.get("reason")
+        if reason not in FINISH_REASONS:
+            raise self._violation(req, f"done with reason {reason!r}")
+        req.over = True
+        self._end(req)
+        return Finished(
+            req.id,
+            reason,
+            self._int(req, item, "prompt_tokens", 0),
+            self._int(req, item, "completion_tokens", req.completion),
+            self._ms(item, "prefill_ms"),
+            self._ms(item, "decode_ms"),
+        )
+
+    async def _wind_down(self, req: _Request) -> None:
+        """However generate() ended: a request the consumer left is cancelled on the phone, bounded."""
+        if req.over:
+            return
+        if self.alive and self._request is req:
+            # the consumer left (aclose or cancellation): stop the phone, bounded; shielded so that a
+            # second cancellation cannot leave the phone generating for nobody (``settling`` meanwhile)
+            self._cleanup = asyncio.create_task(self._cancel_and_drain(req))
+            await asyncio.shield(self._cleanup)
+        else:
+            self._end(req)
 
     def _tok_fields(self, req: _Request, ev: dict[str, Any]) -> tuple[list[int], float | None]:
         ids = ev.get("ids")
@@ -520,10 +537,9 @@ class Session:
         return ProtocolViolation(f"{self.serial}: protocol violation in request {req.id}: {what}")
 
     def _end(self, req: _Request) -> None:
+        """req's events are all in: the next request's events go to the next request."""
         if self._request is req:
             self._request = None
-            if self._on_idle is not None and self.alive:
-                self._on_idle()
 
     async def _cancel_and_drain(self, req: _Request) -> None:
         t0 = time.monotonic()
