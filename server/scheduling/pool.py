@@ -43,7 +43,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from server.backends.base import (
@@ -108,6 +108,37 @@ PhoneChanged = Callable[[object], None]
 SourceFactory = Callable[[PhoneChanged], PhoneSource]
 
 
+@dataclass
+class _Attempts:
+    """A request's attempts so far, and the rules for another: a phone that went away between grant
+    and claim sends it back to the queue (``MAX_REGRANTS`` times at most); a phone that failed it before
+    its first token reached the caller, once, sends it back to the head of the queue, avoiding that
+    phone while another serves the model."""
+
+    request_id: str
+    failed_on: set[str] = field(default_factory=set)  # phones that failed it
+    failures: int = 0  # counted apart: with one phone, ``failed_on`` never grows past one key
+    regrants: int = 0
+    front: bool = False  # a new attempt goes to the head of the queue: it waited its turn already
+    streamed: bool = False  # a token reached the caller: its error is the caller's from then on
+
+    def went_away(self, key: str) -> None:
+        self.regrants += 1
+        if self.regrants > MAX_REGRANTS:
+            raise NoPhoneAvailable(f"The phones granted to {self.request_id} kept going away.")
+        logger.info("request %s: phone %s went away before it started; back to the queue", self.request_id, key)
+
+    def retry_after(self, key: str, exc: BackendError) -> bool:
+        """Whether the request tries again now that phone ``key`` failed it with ``exc``."""
+        self.failed_on.add(key)
+        self.failures += 1
+        if self.streamed or not exc.retryable or self.failures > 1:
+            return False
+        logger.warning("request %s: phone %s failed before its first token (%s); retrying once",
+                       self.request_id, key, exc.code)
+        return True
+
+
 @dataclass(eq=False)
 class _Waiter:
     request: RouteRequest  # what the router sees
@@ -132,7 +163,12 @@ class PhonePool(Backend):
         self._queues: dict[str, collections.deque[_Waiter]] = collections.defaultdict(collections.deque)
         self._leased: dict[str, str] = {}  # phone key -> request id (granted or running)
         self._granted: dict[str, _Waiter] = {}  # phone key -> the waiter it was granted to, not yet claimed
-        self._running: dict[str, tuple[str, PoolPhone]] = {}  # request id -> (phone key, phone)
+        # request id -> (phone key, phone): the lease a request claimed, from the claim until its phone
+        # has let go. The pool's own record, not the phone's request in flight (the phone owns that:
+        # PhoneHealth.request_in_flight), which starts later (after the previous request's cleanup on
+        # the phone) and which a phone double need not report; cancel() finds the phone here (the phone
+        # then checks the id against its own), audit() catches a lease that outlived its request.
+        self._running: dict[str, tuple[str, PoolPhone]] = {}
         self._idle_since: dict[str, float] = {}  # phone key -> when it was last handed back
         self._service_s: dict[str, float] = {}  # model -> moving average of a request's phone time
         self._served: set[str] = set()  # models a phone has served (ready or busy) since the start
@@ -307,49 +343,50 @@ class PhonePool(Backend):
     # -- Backend contract ---------------------------------------------------------------------
 
     async def generate(self, params: GenerationParams) -> AsyncIterator[Event]:  # type: ignore[override]
-        tried: set[str] = set()  # phones that failed this request (avoided when another serves)
-        failures = 0  # counted apart: with one phone, ``tried`` never grows past one key
-        front = False
-        regrants = 0
+        attempts = _Attempts(params.request_id)
         while True:
-            async with self._lease(params, frozenset(tried), front=front) as key:
-                front = True  # whatever happens next, a new attempt keeps its place at the head
-                phone = self._phones().get(key)
-                if phone is None or phone.state is not PhoneState.READY:
-                    regrants += 1
-                    if regrants > MAX_REGRANTS:
-                        raise NoPhoneAvailable(f"The phones granted to {params.request_id} kept going away.")
-                    logger.info("request %s: phone %s went away before it started; back to the queue",
-                                params.request_id, key)
-                    continue
-                streamed = False
+            async with self._lease(params, frozenset(attempts.failed_on), front=attempts.front) as key:
+                attempts.front = True  # whatever happens next, a new attempt keeps its place at the head
+                phone = self._claimed_phone(key, attempts)
+                if phone is None:
+                    continue  # it went away before the request started: back to the queue
                 t0 = time.monotonic()
-                self._running[params.request_id] = (key, phone)
-                agen = phone.generate(params)
+                events = self._run_on(key, phone, params)
                 try:
-                    async for event in agen:
-                        if isinstance(event, Tokens):
-                            streamed = True
-                        elif isinstance(event, Finished):
+                    async for event in events:
+                        attempts.streamed |= isinstance(event, Tokens)
+                        if isinstance(event, Finished):
                             self._observe_service(params.model, time.monotonic() - t0)
                         yield event
                         if isinstance(event, Finished):
                             return
                     return
                 except BackendError as exc:
-                    tried.add(key)
-                    failures += 1
-                    if streamed or not exc.retryable or failures > 1:
+                    if not attempts.retry_after(key, exc):
                         raise
-                    logger.warning(
-                        "request %s: phone %s failed before its first token (%s); retrying once",
-                        params.request_id, key, exc.code,
-                    )
                 finally:
-                    try:
-                        await agen.aclose()  # type: ignore[attr-defined]
-                    finally:  # running (and cancellable) until the phone has let go
-                        self._running.pop(params.request_id, None)
+                    await self._let_go(params.request_id, events)
+
+    def _claimed_phone(self, key: str, attempts: _Attempts) -> PoolPhone | None:
+        """The phone leased to the request, or None when it went away between grant and claim."""
+        phone = self._phones().get(key)
+        if phone is not None and phone.state is PhoneState.READY:
+            return phone
+        attempts.went_away(key)
+        return None
+
+    def _run_on(self, key: str, phone: PoolPhone, params: GenerationParams) -> AsyncIterator[Event]:
+        """The request's events on its leased phone; running (and cancellable) until :meth:`_let_go`."""
+        self._running[params.request_id] = (key, phone)
+        return phone.generate(params)
+
+    async def _let_go(self, request_id: str, events: AsyncIterator[Event]) -> None:
+        """Closes the request's events (cancelling it on the phone if it has not finished); it stays
+        running, and cancellable, until the phone has let go."""
+        try:
+            await events.aclose()  # type: ignore[attr-defined]
+        finally:
+            self._running.pop(request_id, None)
 
     async def cancel(self, request_id: str) -> None:
         running = self._running.get(request_id)
