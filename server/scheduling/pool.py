@@ -108,6 +108,28 @@ PhoneChanged = Callable[[object], None]
 SourceFactory = Callable[[PhoneChanged], PhoneSource]
 
 
+def merge_models(phones: Mapping[str, PoolPhone]) -> list[ModelInfo]:
+    """The models the phones serve, one entry per name listing its phones (keys), in the phones' order:
+    the only place they are merged. A phone counts while it is present (ready, busy, starting,
+    restarting or quarantined: its model is served, or soon will be again), which is also what tells
+    a queued request from a model with no phone (503) in the pool. ``simulated`` only when every one
+    of the model's phones is simulated."""
+    merged: dict[str, ModelInfo] = {}
+    for key, phone in phones.items():
+        info = phone.model
+        if info is None or phone.state not in _PRESENT:
+            continue
+        if info.name not in merged:
+            merged[info.name] = ModelInfo(
+                name=info.name, precision=info.precision, max_context=info.max_context,
+                tokenizer_path=info.tokenizer_path, tokenizer_sha256=info.tokenizer_sha256,
+                phones=[], simulated=info.simulated,
+            )
+        merged[info.name].phones.append(key)
+        merged[info.name].simulated = merged[info.name].simulated and info.simulated
+    return list(merged.values())
+
+
 @dataclass
 class _Attempts:
     """A request's attempts so far, and the rules for another: a phone that went away between grant
@@ -394,20 +416,7 @@ class PhonePool(Backend):
             await running[1].cancel(request_id)
 
     def models(self) -> list[ModelInfo]:
-        merged: dict[str, ModelInfo] = {}
-        for key, phone in self._phones().items():
-            info = phone.model
-            if info is None or phone.state not in _PRESENT:
-                continue
-            if info.name not in merged:
-                merged[info.name] = ModelInfo(
-                    name=info.name, precision=info.precision, max_context=info.max_context,
-                    tokenizer_path=info.tokenizer_path, tokenizer_sha256=info.tokenizer_sha256,
-                    phones=[], simulated=info.simulated,
-                )
-            merged[info.name].phones.append(key)
-            merged[info.name].simulated = merged[info.name].simulated and info.simulated
-        return list(merged.values())
+        return merge_models(self._phones())
 
     def health(self) -> list[PhoneHealth]:
         return [h for phone in self._phones().values() for h in phone.health()]

@@ -20,7 +20,7 @@ from adbutils.errors import AdbError
 
 from server.backends.adb.phone import Phone
 from server.backends.adb.transport import AdbServerClient, format_server, list_devices, resolve_adb_servers
-from server.backends.base import ModelInfo, PhoneHealth, PhoneState
+from server.backends.base import PhoneHealth, PhoneState
 from server.settings import Settings
 
 __all__ = ["AdbFleet", "resolve_adb_servers"]
@@ -129,24 +129,6 @@ class AdbFleet:
                 await phone.stop(reason, graceful=False)
 
     # ------------------------------------------------------------------ views
-
-    def models(self) -> list[ModelInfo]:
-        """Servable models, one entry per name with all its phones (keys) listed."""
-        merged: dict[str, ModelInfo] = {}
-        for key, phone in self.phones.items():
-            for m in phone.models():
-                if m.name not in merged:
-                    merged[m.name] = ModelInfo(
-                        m.name,
-                        m.precision,
-                        m.max_context,
-                        m.tokenizer_path,
-                        m.tokenizer_sha256,
-                        [],
-                        m.simulated,
-                    )
-                merged[m.name].phones.append(key)
-        return list(merged.values())
 
     def health(self) -> list[PhoneHealth]:
         return [h for phone in self.phones.values() for h in phone.health()]

@@ -13,6 +13,7 @@ import pytest
 from server.backends.adb.fleet import AdbFleet
 from server.backends.adb.phone import Phone
 from server.backends.base import PhoneState
+from server.scheduling.pool import merge_models
 from server.settings import Settings
 from server.sim.harness import SimLab
 from tests.backends.adb_helpers import backend_settings
@@ -53,7 +54,7 @@ async def test_start_knows_the_attached_phones_and_they_become_ready(
     assert list(fleet.phones) == [f"{fleet_lab.adb_server}/{serial}"]
     phone = phone_of(fleet, fleet_lab, serial)
     await until(fleet, "ready", lambda f: phone.state is PhoneState.READY)
-    [model] = fleet.models()
+    [model] = merge_models(fleet.phones)
     assert model.name == "qwen3.5-0.8b" and model.phones == [phone.key]
     assert (phone.key, PhoneState.READY) in fleet.changes  # type: ignore[attr-defined]
 
@@ -66,7 +67,7 @@ async def test_a_phone_hot_added_after_start_is_picked_up(fleet: AdbFleet, fleet
         fleet, "hot-added phone ready", lambda f: key in f.phones and f.phones[key].state is PhoneState.READY
     )
     assert time.monotonic() - t0 < 15
-    assert {m.name for m in fleet.models()} == {"qwen3.5-0.8b", "qwen3.5-0.8b-w8"}
+    assert {m.name for m in merge_models(fleet.phones)} == {"qwen3.5-0.8b", "qwen3.5-0.8b-w8"}
     w8 = fleet.phones[key]
     assert w8.model is not None and w8.model.precision == "w8"
 
@@ -79,7 +80,7 @@ async def test_a_removed_phone_goes_offline_and_out_of_the_models(fleet: AdbFlee
     )
     await asyncio.to_thread(fleet_lab.remove_phone, sim.serial)
     await until(fleet, "removed phone offline", lambda f: f.phones[key].state is PhoneState.OFFLINE)
-    assert all(key not in m.phones for m in fleet.models())
+    assert all(key not in m.phones for m in merge_models(fleet.phones))
 
 
 async def test_a_phone_with_another_soc_is_incompatible_with_a_clear_reason(
@@ -93,7 +94,7 @@ async def test_a_phone_with_another_soc_is_incompatible_with_a_clear_reason(
     health = fleet.phones[key].health()[0]
     assert health.soc == "SM8650" and health.mode is None  # no session was started
     assert "v81" in (health.last_error or "") and "SM8650" in (health.last_error or "")
-    assert all(key not in m.phones for m in fleet.models())
+    assert all(key not in m.phones for m in merge_models(fleet.phones))
 
 
 def _dead_port() -> int:
