@@ -203,7 +203,8 @@ class _Generation:
     def settle(self) -> Outcome:
         """The outcome, once :attr:`ending`; a phone-side cancellation is an error."""
         if self.finished is not None:
-            self.timings["prefill_ms"], self.timings["decode_ms"] = self.finished.prefill_ms, self.finished.decode_ms
+            self.timings["prefill_ms"] = self.finished.prefill_ms
+            self.timings["decode_ms"] = self.finished.decode_ms
         reason: Literal["stop", "length"]
         count = self._counted()
         if self.matched is not None:
@@ -215,9 +216,10 @@ class _Generation:
             reason = self.finished.reason
             if self._oneshot is not None:
                 reason, count = self._oneshot.finish(self.finished, count)
-        self.outcome = Outcome(reason, len(self.params.prompt_ids), count, self.matched, self.phone, self.timings)
-        _log_outcome(self.params.request_id, self.outcome)
-        return self.outcome
+        self.outcome = outcome = Outcome(reason, len(self.params.prompt_ids), count, self.matched, self.phone,
+                                         self.timings)
+        _log_outcome(self.params.request_id, outcome)
+        return outcome
 
     def _counted(self) -> int:
         if self._oneshot is not None:

@@ -11,7 +11,8 @@ OpenAI's own validation is. Our extensions are fenced in ``--- qhx extensions --
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,7 +27,7 @@ from pydantic import (
 )
 
 from server.backends.base import GenerationParams
-from server.errors import InvalidRequest, UnsupportedParameter
+from server.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
 
 MAX_STOP_STRINGS = 4  # spec: "Up to 4 sequences"
 
@@ -83,6 +84,46 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class ContextWording:
+    """How a request says that its prompt does not fit: OpenAI's wording, with the numbers, naming
+    the request's own fields (each request type has its ``context_wording``).
+
+    Each template follows "This model's maximum context length is N tokens. However, ";
+    placeholders: ``{prompt_tokens}``, ``{requested}``, ``{total}`` (their sum), ``{prompt_bytes}``.
+    """
+
+    prompt_param: str  # what to shorten when the prompt alone is too long: "prompt", "messages"
+    no_room: str  # the prompt leaves no room for a single token: {prompt_tokens}
+    requested: str  # prompt + requested budget exceed the context: {total} {prompt_tokens} {requested}
+    bound: str  # a bound computed without tokenizing exceeds the context: {prompt_bytes} {prompt_tokens}
+
+    def no_room_error(self, max_context: int, prompt_tokens: int) -> ContextLengthExceeded:
+        """The prompt leaves no room for a single token."""
+        return _exceeded(max_context, self.no_room.format(prompt_tokens=prompt_tokens), self.prompt_param)
+
+    def budget_error(
+        self, max_context: int, prompt_tokens: int, requested: int, param: str
+    ) -> ContextLengthExceeded:
+        """The budget ``requested`` (set by ``param``) does not fit next to the prompt."""
+        if prompt_tokens >= max_context:
+            return self.no_room_error(max_context, prompt_tokens)
+        said = self.requested.format(total=prompt_tokens + requested, prompt_tokens=prompt_tokens,
+                                     requested=requested)
+        return _exceeded(max_context, said, param)
+
+    def bound_error(self, max_context: int, at_least: int, prompt_bytes: int) -> ContextLengthExceeded:
+        """The prompt's text is at least ``at_least`` tokens (:meth:`HostTokenizer.min_tokens`)."""
+        return _exceeded(max_context, self.bound.format(prompt_bytes=prompt_bytes, prompt_tokens=at_least),
+                         self.prompt_param)
+
+
+def _exceeded(max_context: int, said: str, param: str) -> ContextLengthExceeded:
+    return ContextLengthExceeded(
+        f"This model's maximum context length is {max_context} tokens. However, {said}", param=param
+    )
+
+
 class StreamOptions(BaseModel):
     """ChatCompletionStreamOptions (shared by completions and chat)."""
 
@@ -91,11 +132,17 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool | None = None
 
 
-class _GenerationRequest(_Request):
-    """What completions and chat requests share: stop strings, stream options and the conversion to
-    phone parameters. The fields are declared by each subclass, in its own spec order."""
+class GenerationRequest(_Request):
+    """What every generating request shares (completions, chat; the serving base reads these): stop
+    strings, stream options, the conversion to phone parameters. The fields are declared by each
+    subclass, in its own spec order; so are ``check_supported``, ``max_new_requested`` and
+    ``context_wording``."""
+
+    context_wording: ClassVar[ContextWording]
 
     if TYPE_CHECKING:
+        n: int | None
+        return_timings: bool | None
         stop: str | list[str] | None
         stream: bool | None
         stream_options: StreamOptions | None
@@ -107,6 +154,13 @@ class _GenerationRequest(_Request):
         top_k: int | None
         repetition_penalty: float | None
         seed: int | None
+
+        def check_supported(self) -> None:
+            """Reject, naming the field, every non-default value we cannot honour."""
+
+        @property
+        def max_new_requested(self) -> tuple[int | None, str]:
+            """(requested completion budget or None, the parameter it came from)."""
 
     @field_validator("stop", check_fields=False)
     @classmethod
@@ -164,7 +218,17 @@ class _GenerationRequest(_Request):
 
 
 # https://platform.openai.com/docs/api-reference/completions/create
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
+    context_wording = ContextWording(  # OpenAI's words for completions
+        prompt_param="prompt",
+        no_room="your prompt is {prompt_tokens} tokens, which leaves no room for the completion. Please "
+                "reduce your prompt.",
+        requested="you requested {total} tokens ({prompt_tokens} in your prompt; {requested} for the "
+                  "completion). Please reduce your prompt; or completion length.",
+        bound="your prompt ({prompt_bytes} bytes) is at least {prompt_tokens} tokens. Please reduce your "
+              "prompt.",
+    )
+
     model: StrictStr
     # str | [str] | [int] | [[int]]; absent/null means "<|endoftext|>" (spec default)
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = None
@@ -189,6 +253,11 @@ class CompletionRequest(_GenerationRequest):
     repetition_penalty: StrictFloat | None = Field(None, gt=0.0, le=2.0)  # 1: off
     return_timings: StrictBool | None = False  # add the phone's timeline ("timings") to the final chunk
     # --- end qhx extensions ---
+
+    @property
+    def max_new_requested(self) -> tuple[int | None, str]:
+        """(requested completion budget or None, the parameter it came from)."""
+        return self.max_tokens, "max_tokens"
 
     def check_supported(self) -> None:
         """Reject, naming the field, every non-default value we cannot honour (never silently ignore a

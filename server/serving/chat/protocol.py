@@ -30,8 +30,9 @@ from pydantic import (
 from server.errors import InvalidRequest, UnsupportedParameter
 from server.serving.protocol import (
     CompletionUsage,
+    ContextWording,
+    GenerationRequest,
     StreamOptions,
-    _GenerationRequest,
     _Request,
     lone_surrogate_at,
 )
@@ -118,7 +119,17 @@ class ResponseFormat(BaseModel):
 
 
 # https://platform.openai.com/docs/api-reference/chat/create
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
+    context_wording = ContextWording(  # OpenAI's words for chat
+        prompt_param="messages",
+        no_room="your messages resulted in {prompt_tokens} tokens, which leaves no room for the reply. Please "
+                "reduce the length of the messages.",
+        requested="you requested {total} tokens ({prompt_tokens} in the messages, {requested} in the "
+                  "completion). Please reduce the length of the messages or completion.",
+        bound="your messages resulted in a prompt of {prompt_bytes} bytes, which is at least {prompt_tokens} "
+              "tokens (a bound computed without tokenizing it). Please reduce the length of the messages.",
+    )
+
     messages: list[ChatMessage]
     model: StrictStr
     audio: dict[str, Any] | None = None
