@@ -10,7 +10,7 @@ for a phone or running on one: :class:`server.backends.base.Admission`) or has s
 so refusals (queue full -> 429, no phone -> 503) keep their HTTP status however many event-loop
 turns they take; a backend that does not report admission gets ``ADMISSION_WAIT_S``. A client that goes
 away cancels the chunk iterator (sse-starlette watches ``http.disconnect``), which cancels the
-request on the phone (server.serving.generation).
+request on the phone (server.serving.driver).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ phone parameters (``stop_tokens``) and what one-shot phones would ignore. Out co
 
 Then ``complete(p)`` (one JSON body) or ``stream(p)`` (JSON chunk texts; the SSE layer adds framing
 and ``[DONE]``) run the request's ``n`` choices (:meth:`~OpenAIServing._choices`), each a phone
-request through :func:`~server.serving.generation.generate_text`, or none at all when the budget
+request through :func:`~server.serving.driver.generate_text`, or none at all when the budget
 is 0. The base owns the stream: each choice's :class:`ChoiceStream` turns admission, text and the
 outcome into the family's chunk choices, which the base wraps in ``chunk_type`` chunks (``usage``
 only with ``stream_options.include_usage``, ``timings`` on the finish chunk with
@@ -54,7 +54,7 @@ from pydantic import BaseModel
 
 from server.backends.base import Backend, GenerationParams, ModelInfo
 from server.serving.choices import choice_params, merge_choices
-from server.serving.generation import Outcome, TextDelta, generate_text
+from server.serving.driver import Outcome, TextDelta, generate_text
 from server.serving.metrics import ServingMetrics
 from server.serving.models import ModelRegistry
 from server.serving.oneshot import check_oneshot

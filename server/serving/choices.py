@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import anyio
 
 from server.backends.base import GenerationParams, admission
-from server.serving.generation import CLEANUP_TIMEOUT_S
+from server.serving.driver import CLEANUP_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 

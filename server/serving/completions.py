@@ -16,7 +16,7 @@ from typing import Literal
 from server.backends.base import ModelInfo
 from server.errors import InvalidRequest, UnsupportedParameter
 from server.serving.base import OpenAIServing, Prepared, Prompt
-from server.serving.generation import Outcome
+from server.serving.driver import Outcome
 from server.serving.protocol import Completion, CompletionChoice, CompletionRequest
 from server.serving.tokens import ENDOFTEXT, IM_END, HostTokenizer
 

@@ -1,6 +1,6 @@
 """Request metrics with vLLM's names (``vllm:`` becomes ``qhx:``), so its dashboards translate.
 
-Recorded once per generation by :func:`server.serving.generation.generate_text` (both endpoints,
+Recorded once per generation by :func:`server.serving.driver.generate_text` (both endpoints,
 streaming or not) into one app's ``CollectorRegistry``; labels ``model_name`` and ``phone`` (the
 serial that ran it)::
 

@@ -83,7 +83,7 @@ def test_one_json_access_line_with_model_phone_tokens_and_timings(live: LiveServ
     # every line about this request, whichever task wrote it, carries the client's id
     mine = [rec for rec in json_logs.lines() if r.id in rec["msg"]]
     assert {rec["logger"] for rec in mine} >= {"server.api.access", "server.serving.completions",
-                                               "server.serving.generation"}
+                                               "server.serving.driver"}
     assert {rec["request_id"] for rec in mine} == {"trace-json-1"}
 
 

@@ -2,5 +2,5 @@
 
 ``template`` renders messages into the prompt; ``reasoning`` and ``tools`` parse the reply as it
 streams (``reply`` chains them); ``protocol`` holds the wire types; ``service`` is the endpoint
-without HTTP, on top of ``server.serving.generation.generate_text``.
+without HTTP, on the serving base (``server.serving.base``).
 """

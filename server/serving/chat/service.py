@@ -35,7 +35,7 @@ from server.serving.chat.protocol import (
 from server.serving.chat.reply import Piece, Reasoning, ReplyParser
 from server.serving.chat.template import ChatTemplate
 from server.serving.chat.tools import ArgumentsDelta, CallStarted, Text, ToolPlan, plan_tools
-from server.serving.generation import Outcome
+from server.serving.driver import Outcome
 from server.serving.metrics import ServingMetrics
 from server.serving.models import ModelRegistry
 from server.serving.tokens import ENDOFTEXT, IM_END

@@ -10,7 +10,7 @@ import pytest
 
 from server.backends.base import GenerationParams
 from server.errors import BackendError, Overloaded, PhoneLost, ProtocolViolation
-from server.serving.generation import Outcome, TextDelta, generate_text
+from server.serving.driver import Outcome, TextDelta, generate_text
 from server.serving.tokens import HostTokenizer
 from tests.serving.inprocess_phone_double import InProcessPhoneDouble
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from server.backends.base import GenerationParams
 from server.errors import Overloaded, PhoneLost
 from server.logs import request_context
-from server.serving.generation import TextDelta, generate_text
+from server.serving.driver import TextDelta, generate_text
 from server.serving.metrics import ServingMetrics
 from server.serving.tokens import HostTokenizer
 from tests.serving.inprocess_phone_double import InProcessPhoneDouble
