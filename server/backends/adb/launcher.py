@@ -7,16 +7,21 @@ session start with ``ready``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
+
+from tokenizers import Tokenizer
 
 from server.backends.adb.discovery import Bundle, PhoneFacts
 from server.backends.adb.oneshot import OneShot
 from server.backends.adb.quoting import render_launch
+from server.backends.adb.retokenize import load_tokenizer
 from server.backends.adb.runtime import Runtime
 from server.backends.adb.session import Session, SessionUnsupported
 from server.backends.adb.transport import AdbServerClient
-from server.errors import PhoneLost
+from server.backends.base import ModelInfo
+from server.errors import BackendError, PhoneLost
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,6 +37,7 @@ class Launcher:
         self._name = name  # how logs name the phone
         self._oneshot = settings.device_mode == "oneshot"
         self._fallback_logged = False
+        self._tokenizer: tuple[str, Tokenizer] | None = None  # (host path, the one-shot runtime's tokenizer)
 
     def command(self, bundle: Bundle, prompt: str, max_new: int) -> str:
         """The phone shell command that runs ``bundle`` (``settings.launch_command``, values quoted)."""
@@ -57,7 +63,7 @@ class Launcher:
                 return await self._start_session(bundle, facts)
             except SessionUnsupported as e:
                 self._fall_back(e)
-        return self._start_oneshot(bundle)
+        return await self._start_oneshot(bundle, facts)
 
     async def _start_session(self, bundle: Bundle, facts: PhoneFacts) -> Runtime:
         command = self.command(bundle, "-", self._settings.session_max_new)
@@ -65,11 +71,23 @@ class Launcher:
         self._check_ready(session.ready, facts)
         return session
 
-    def _start_oneshot(self, bundle: Bundle) -> Runtime:
+    async def _start_oneshot(self, bundle: Bundle, facts: PhoneFacts) -> Runtime:
         def command(prompt: str, max_new: int) -> str:
             return self.command(bundle, prompt, max_new)
 
-        return OneShot(self._client, self.serial, self._settings, command)
+        assert facts.model is not None
+        return OneShot(self._client, self.serial, self._settings, command, await self._load_tokenizer(facts.model))
+
+    async def _load_tokenizer(self, model: ModelInfo) -> Tokenizer:
+        """The bundle's tokenizer for one-shot mode: loaded once per phone (again only if the bundle's
+        changes), in a worker thread."""
+        path = model.tokenizer_path
+        if self._tokenizer is None or self._tokenizer[0] != path:
+            try:
+                self._tokenizer = path, await asyncio.to_thread(load_tokenizer, path)
+            except Exception as e:  # tokenizers raises a bare Exception for a missing or broken file
+                raise BackendError(f"{self.serial}: cannot load the bundle's tokenizer {path}: {e}") from e
+        return self._tokenizer[1]
 
     def _fall_back(self, why: SessionUnsupported) -> None:
         if self._settings.device_mode != "auto":

@@ -1,15 +1,20 @@
 """One-shot mode: one ``qhx_generate`` process per request (device-protocol.md section 2).
 
-For runtimes without session protocol v1. The prompt *text* goes on the command line, shell-quoted
-(quoting.py); stdout is the generated text, streamed through an incremental UTF-8 decoder so that a
-character split across packets is never mangled. What the phone does not tell us, we do not invent:
+For runtimes without session protocol v1; a :class:`~server.backends.adb.runtime.Runtime` like the
+session, so the contract stays token ids in, token ids out. The CLI takes the prompt as *text* and
+prints text, so this runtime converts below the contract with the bundle's tokenizer (retokenize.py):
 
-* ``Tokens.ids`` is empty and ``Tokens.text`` carries the text; ``t_ms`` is None.
-* ``Finished.completion_tokens`` is 0 (unknown) and the reason is ``length`` (a placeholder): the CLI
-  exits 0 whether it reached ``max_new`` or its own stop id, and its stats line has no format in the
-  contract. The serving layer counts completion tokens by tokenizing the text, infers the reason from
-  that count (fewer than ``max_new``: ``stop``; server/serving/engine.py) and applies stop strings
-  itself (closing this generator early, which kills the process).
+* The prompt text is ``prompt_ids`` decoded; it goes on the command line, shell-quoted (quoting.py).
+* stdout is streamed through an incremental UTF-8 decoder (a character split across packets is never
+  mangled), and the text is turned into token ids as it comes (the end of the text is held back until
+  its ids are settled): the ids emitted decode to exactly the text the CLI printed, and are as many
+  as tokenizing that text gives. ``t_ms`` is None (the CLI gives no timestamps).
+* ``Finished.completion_tokens`` is the number of ids emitted. The CLI exits 0 whether it reached
+  ``max_new`` or its own stop id (its stats line has no format in the contract), so the reason is
+  inferred: fewer tokens than ``max_new`` means the runtime stopped by itself, which the session
+  protocol would call ``stop`` (``max_new`` never reaches past the context: the services clamp it);
+  else ``length``. Stop strings are the serving layer's (closing this generator early kills the
+  process).
 * The CLI decodes greedily and takes no sampling parameters; GenerationParams' temperature, top_p,
   top_k, seed and repetition_penalty do not reach it (server/serving/oneshot.py says so to clients).
 * Every request pays the model load; ``prefill_ms`` is the time to the first output byte (load
@@ -27,10 +32,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from tokenizers import Tokenizer
+
+from server.backends.adb.retokenize import Retokenizer, decode
 from server.backends.adb.runtime import Runtime
 from server.backends.adb.transport import STDERR, STDOUT, AdbServerClient, LineBuffer, ShellStream, open_shell
-from server.backends.base import Event, Finished, GenerationParams, Started, Tokens
-from server.errors import PhoneLost, PhoneRequestError, PhoneStalled
+from server.backends.base import Event, Finished, FinishReason, GenerationParams, Started, Tokens
+from server.errors import BackendError, PhoneLost, PhoneRequestError, PhoneStalled
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -49,6 +57,7 @@ class _Run:
     first_wait: float  # seconds the first stdout data may take (model load and prompt included)
     deadline: float  # loop time by which the next stdout data must come
     t0: float
+    retokenizer: Retokenizer
     first_at: float | None = None  # time.monotonic() of the first stdout data
     cancelled: bool = False
     decoder: codecs.IncrementalDecoder = field(
@@ -67,12 +76,18 @@ class OneShot(Runtime):
     kind = "oneshot"
 
     def __init__(
-        self, client: AdbServerClient, serial: str, settings: Settings, command: Callable[[str, int], str]
+        self,
+        client: AdbServerClient,
+        serial: str,
+        settings: Settings,
+        command: Callable[[str, int], str],
+        tokenizer: Tokenizer,
     ) -> None:
         self.serial = serial
         self._client = client
         self._settings = settings
         self._command = command  # (prompt, max_new) -> the phone shell command (launcher.py renders it)
+        self._tokenizer = tokenizer  # the bundle's, without normalizer (retokenize.load_tokenizer)
         self._run: _Run | None = None
         self._closed_reason: str | None = None
         self._closed = asyncio.Event()
@@ -111,8 +126,8 @@ class OneShot(Runtime):
         run = await self._open(params, command)
         try:
             yield Started(run.id, len(params.prompt_ids), 0, self.serial)
-            async for text in self._output(run):
-                yield Tokens(run.id, [], None, text)
+            async for ids in self._token_ids(run):
+                yield Tokens(run.id, ids, None)
             finished = self._finished(run, params)
             self._release(run)  # idle before the consumer hears Finished
             yield finished
@@ -122,16 +137,13 @@ class OneShot(Runtime):
     def _checked_command(self, params: GenerationParams) -> str:
         if not self.alive:
             raise PhoneLost(f"{self.serial}: {self._closed_reason}")
-        if params.prompt_text is None:
-            raise PhoneRequestError(
-                f"{self.serial}: one-shot mode needs the prompt text (prompt_text is None)"
-            )
-        if params.prompt_text == "-":
+        prompt = decode(self._tokenizer, params.prompt_ids)
+        if prompt == "-":
             raise PhoneRequestError(
                 f"{self.serial}: a prompt of exactly '-' makes qhx_generate start the session protocol; "
                 "it cannot be sent in one-shot mode"
             )
-        command = self._command(params.prompt_text, params.max_new)
+        command = self._command(prompt, params.max_new)
         if len(command.encode()) > MAX_COMMAND_BYTES:
             raise PhoneRequestError(
                 f"{self.serial}: prompt too long for a one-shot command line "
@@ -150,9 +162,24 @@ class OneShot(Runtime):
             + len(params.prompt_ids) * self._settings.prefill_ms_per_token / 1000
             + self._settings.stall_timeout_s
         )
-        run = _Run(params.request_id, stream, first_wait, asyncio.get_running_loop().time() + first_wait, t0)
+        deadline = asyncio.get_running_loop().time() + first_wait
+        run = _Run(params.request_id, stream, first_wait, deadline, t0, Retokenizer(self._tokenizer))
         self._run = run
         return run
+
+    async def _token_ids(self, run: _Run) -> AsyncIterator[list[int]]:
+        """The ids of the process's output, as they settle; the rest at the end (or at a failure: what
+        the phone printed before it failed reaches the client)."""
+        try:
+            async for text in self._output(run):
+                if ids := run.retokenizer.feed(text):
+                    yield ids
+        except BackendError:
+            if ids := run.retokenizer.flush():
+                yield ids
+            raise
+        if ids := run.retokenizer.flush():
+            yield ids
 
     async def _output(self, run: _Run) -> AsyncIterator[str]:
         """The process's stdout as text (whole UTF-8 characters), until it ends or is cancelled."""
@@ -192,11 +219,12 @@ class OneShot(Runtime):
         end = time.monotonic()
         first = run.first_at or end
         prefill_ms, decode_ms = (first - run.t0) * 1000, (end - first) * 1000
-        exit_code = run.stream.exit_code
+        exit_code, generated = run.stream.exit_code, run.retokenizer.count
         if run.cancelled:
-            return Finished(run.id, "cancelled", len(params.prompt_ids), 0, prefill_ms, decode_ms)
+            return Finished(run.id, "cancelled", len(params.prompt_ids), generated, prefill_ms, decode_ms)
         if exit_code == 0:
-            return Finished(run.id, "length", len(params.prompt_ids), 0, prefill_ms, decode_ms)
+            reason: FinishReason = "stop" if generated < params.max_new else "length"
+            return Finished(run.id, reason, len(params.prompt_ids), generated, prefill_ms, decode_ms)
         if exit_code is None:
             raise PhoneLost(f"{self.serial}: adb stream dropped during one-shot request {run.id}")
         last = run.err.flush().decode("utf-8", errors="replace").strip() or run.last_err

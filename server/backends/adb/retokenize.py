@@ -1,0 +1,85 @@
+"""Text <-> token ids for the one-shot runtime, which takes a prompt as text and prints text.
+
+The backend contract carries token ids only, so one-shot mode converts below it, with the bundle's own
+tokenizer (``ModelInfo.tokenizer_path``, the host copy). The tokenizer is loaded without its
+normalizer (Qwen's is NFC): byte-level BPE then round-trips exactly, ``decode(encode(text)) == text``,
+so the text a client sees is exactly the text the CLI printed. What the model sees does not change:
+the CLI normalizes the prompt itself, and ``NFC(decode(ids))`` tokenizes to the same ids.
+
+:class:`Retokenizer` turns streamed text into ids. A tokenizer splits text into pre-tokens (words,
+runs of spaces, punctuation, special tokens) and encodes each on its own, so only the end can change
+when more text comes: the last pre-token, the run of spaces before it, and a special token that is not
+complete yet (``<|im_e``). It emits the ids of the pre-tokens before those, holds the rest back until
+more text or the end, and so emits exactly ``encode(all the text)``, one piece at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer.json at ``path``, without its normalizer (see the module docstring). Blocking
+    (about half a second for Qwen3.5): call it in a worker thread."""
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.normalizer = None
+    return tokenizer
+
+
+def decode(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
+    """The text of ``ids``, special tokens written out (as the CLI reads them in a prompt)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+class Retokenizer:
+    """Streamed text in, token ids out: ``feed`` each piece of text, then ``flush`` at the end. The ids
+    emitted are those of ``encode(all the text)``, and decode to exactly that text."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._pending = ""  # text whose ids are not emitted yet
+        specials = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+        # every proper prefix of a special token: text that may become one when more comes
+        self._partial = {s[:n] for s in specials for n in range(1, len(s))}
+        self._longest_partial = max((len(p) for p in self._partial), default=0)
+        self.count = 0  # ids emitted so far
+
+    def feed(self, text: str) -> list[int]:
+        """The ids that ``text`` (added to what came before) settled; [] while they may still change."""
+        self._pending += text
+        settled = self._pending[: self._settled_end()]
+        enc = self._tokenizer.encode(settled, add_special_tokens=False)
+        firsts = _pre_token_starts(enc.word_ids)  # index of each pre-token's first token
+        # held back: the last pre-token, and the run of spaces before it (`` \n`` + `` `` is one
+        # pre-token, `` \n \n``, once a newline follows)
+        k = len(firsts) - 1
+        while k > 0 and settled[enc.offsets[firsts[k - 1]][0] : enc.offsets[firsts[k]][0]].isspace():
+            k -= 1
+        if k <= 0:
+            return []
+        self._pending = self._pending[enc.offsets[firsts[k]][0] :]
+        return self._emit(enc.ids[: firsts[k]])
+
+    def flush(self) -> list[int]:
+        """The ids of the text held back: the end of the text."""
+        pending, self._pending = self._pending, ""
+        return self._emit(self._tokenizer.encode(pending, add_special_tokens=False).ids) if pending else []
+
+    def _settled_end(self) -> int:
+        """Where the pending text stops being settled: before an unfinished special token at its end."""
+        text = self._pending
+        for n in range(min(self._longest_partial, len(text)), 0, -1):
+            if text[-n:] in self._partial:
+                return len(text) - n
+        return len(text)
+
+    def _emit(self, ids: list[int]) -> list[int]:
+        self.count += len(ids)
+        return ids
+
+
+def _pre_token_starts(word_ids: Sequence[int | None]) -> list[int]:
+    """Indexes of the tokens that begin a pre-token (a special token is one of its own)."""
+    return [i for i, w in enumerate(word_ids) if i == 0 or w is None or w != word_ids[i - 1]]
