@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.backends.base import (
+    Backend,
     Event,
     Finished,
     GenerationParams,
@@ -32,9 +33,10 @@ def model_info(name: str = "m") -> ModelInfo:
 
 
 @dataclass(eq=False)
-class DoublePhone:
+class DoublePhone(Backend):
     """A phone serving ``model``. ``hold`` keeps every request on the phone until ``release()``;
-    ``fail_before``/``fail_after_first`` make the next requests fail that way."""
+    ``fail_before``/``fail_after_first`` make the next requests fail that way. A request gets its
+    ``max_new`` tokens in one ``Tokens`` event. It passes the Backend contract (tests/contract/)."""
 
     key: str
     pool: PhonePool | None = None
@@ -46,6 +48,7 @@ class DoublePhone:
     after_failure: PhoneState = PhoneState.READY  # the state a failure leaves it in
     steps: int = 0  # event-loop turns a request takes on the phone: before its first token, after, and to end
     served: list[str] = field(default_factory=list)  # request ids, in start order
+    in_flight: str | None = None  # the request on the phone
     _gate: asyncio.Event = field(default_factory=asyncio.Event)
 
     def set_state(self, state: PhoneState) -> None:
@@ -60,6 +63,7 @@ class DoublePhone:
         assert self.state is PhoneState.READY, f"{self.key} got a request while {self.state.value}"
         rid = params.request_id
         self.served.append(rid)
+        self.in_flight = rid
         self.set_state(PhoneState.BUSY)
         after = PhoneState.READY
         try:
@@ -69,7 +73,7 @@ class DoublePhone:
                 self.fail_before -= 1
                 after = self.after_failure
                 raise PhoneLost(f"{self.key} died before the first token of {rid}")
-            yield Tokens(rid, [1], None)
+            yield Tokens(rid, [1] * params.max_new, None)
             if self.fail_after_first:
                 self.fail_after_first -= 1
                 after = self.after_failure
@@ -78,11 +82,12 @@ class DoublePhone:
             if self.hold:
                 self._gate.clear()
                 await self._gate.wait()
-            yield Finished(rid, "length", len(params.prompt_ids), 1, 1.0, 1.0)
+            yield Finished(rid, "length", len(params.prompt_ids), params.max_new, 1.0, 1.0)
         finally:
             try:
                 await self._turns()  # letting go takes a while too (a real phone confirms a cancel)
             finally:  # even when a second cancel cuts that short
+                self.in_flight = None
                 if self.state is PhoneState.BUSY:
                     self.set_state(after)
 
@@ -91,10 +96,18 @@ class DoublePhone:
             await asyncio.sleep(0)
 
     async def cancel(self, request_id: str) -> None:
-        self.release()
+        if request_id == self.in_flight:
+            self.release()
+
+    def models(self) -> list[ModelInfo]:
+        present = self.state not in (PhoneState.OFFLINE, PhoneState.INCOMPATIBLE, PhoneState.QUARANTINED)
+        return [self.model] if self.model is not None and present else []
 
     def health(self) -> list[PhoneHealth]:
-        return [PhoneHealth(self.key, "double", self.state)]
+        return [PhoneHealth(self.key, "double", self.state, request_in_flight=self.in_flight)]
+
+    async def aclose(self) -> None:
+        return None
 
 
 class DoubleSource:

@@ -67,6 +67,7 @@ class InProcessPhoneDouble(Backend):
         rid = params.request_id
         self.busy_with = rid
         finished = False
+        mine = 0  # this request's tokens (``self.sent`` counts every request's)
         try:
             yield Started(rid, len(params.prompt_ids), 0, "double-1")
             reason = "length"
@@ -82,6 +83,7 @@ class InProcessPhoneDouble(Backend):
                     await asyncio.sleep(self.delay_s)
                 t_ms = asyncio.get_running_loop().time() * 1000
                 self.sent += 1
+                mine += 1
                 if isinstance(out, str):
                     yield Tokens(rid, [], None, text=out)
                 else:
@@ -89,7 +91,7 @@ class InProcessPhoneDouble(Backend):
             finished = True
             if self.skip_done:
                 return
-            sent = self.sent
+            sent = mine
             if self.oneshot_texts is not None:  # the CLI says no reason; maybe a count (stats line)
                 said = self.oneshot_said
                 reason, sent = ("stop" if said < params.max_new else "length", said) if said else ("length", 0)

@@ -1,0 +1,66 @@
+"""The Backend contract (backend_contract.py) for the in-process doubles the unit tests stand on: a
+double that breaks the contract would let those tests pass against behaviour no phone has."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from server.backends.base import Backend
+from tests.contract.backend_contract import BackendContract
+from tests.scheduling.pool_doubles import DoublePhone, make_pool
+from tests.serving.inprocess_phone_double import InProcessPhoneDouble
+
+
+async def _made(backend: Backend) -> Backend:
+    return backend
+
+
+class TestInProcessPhoneDoubleContract(BackendContract):
+    """tests/serving/inprocess_phone_double.py (the serving layer's unit tests)."""
+
+    lists_models = False  # it serves whatever model it is asked for and lists none
+    closes_phones = False
+
+    @staticmethod
+    def make() -> Backend:
+        return InProcessPhoneDouble(list(range(100, 400)), done_after_cancel_s=0.0)
+
+    @pytest.fixture
+    def backend(self) -> Backend:
+        return self.make()
+
+    @pytest.fixture
+    def fresh_backend(self) -> Callable[[], Awaitable[Backend]]:
+        return lambda: _made(self.make())
+
+
+class TestDoublePhoneContract(BackendContract):
+    """tests/scheduling/pool_doubles.py's phone (the pool's unit tests)."""
+
+    model = "m"
+    closes_phones = False
+
+    @pytest.fixture
+    def backend(self) -> Backend:
+        return DoublePhone("p0")
+
+    @pytest.fixture
+    def fresh_backend(self) -> Callable[[], Awaitable[Backend]]:
+        return lambda: _made(DoublePhone("p0"))
+
+
+class TestPoolOverDoublePhonesContract(BackendContract):
+    """PhonePool over two DoublePhones, as the pool's unit tests build it."""
+
+    model = "m"
+    closes_phones = False
+
+    @pytest.fixture
+    def backend(self) -> Backend:
+        return make_pool(2)[0]
+
+    @pytest.fixture
+    def fresh_backend(self) -> Callable[[], Awaitable[Backend]]:
+        return lambda: _made(make_pool(2)[0])
