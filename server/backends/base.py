@@ -43,8 +43,6 @@ class GenerationParams:
     seed: int | None = None
     stop_ids: list[int] = field(default_factory=list)
     reset: bool = True
-    # the raw prompt text, needed only by one-shot mode (the CLI takes text, not ids)
-    prompt_text: str | None = None
 
 
 @dataclass(slots=True)
@@ -60,8 +58,6 @@ class Tokens:
     request_id: str
     ids: list[int]
     t_ms: float | None  # phone monotonic clock (None in one-shot mode)
-    # in one-shot mode the phone gives text, not ids: the text for these tokens (ids is then empty)
-    text: str | None = None
 
 
 FinishReason = Literal["stop", "length", "cancelled"]

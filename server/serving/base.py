@@ -204,7 +204,7 @@ class OpenAIServing(abc.ABC, Generic[R, Q]):
         tok = prompt.tokenizer
         return request.to_generation_params(
             request_id=request_id, model=prompt.info.name, prompt_ids=prompt.ids, max_new=max_new,
-            stop_ids=[tok.special_id(t) for t in self.stop_tokens], prompt_text=prompt.text,
+            stop_ids=[tok.special_id(t) for t in self.stop_tokens],
         )
 
     # -- running --------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ import anyio
 from server.backends.base import Backend, Event, Finished, GenerationParams, Started, Tokens
 from server.errors import BackendError, ProtocolViolation
 from server.logs import note_generation
-from server.serving.oneshot import ignored_params
 from server.serving.stops import TokenStops
 from server.serving.tokens import HostTokenizer
 
@@ -132,7 +131,6 @@ class _Generation:
 
     def __init__(self, params: GenerationParams, tokenizer: HostTokenizer, stop: list[str]) -> None:
         self.params = params
-        self._tokenizer = tokenizer
         self._detok = tokenizer.detokenizer()
         self._scan = TokenStops(stop)
         self.timings: dict[str, float | None] = {
@@ -145,7 +143,6 @@ class _Generation:
         self.finished: Finished | None = None  # the phone's `done`
         self.matched: str | None = None  # the stop string that matched
         self.outcome: Outcome | None = None
-        self._oneshot: _OneShot | None = None  # set when the phone sends text instead of ids
 
     # -- events -------------------------------------------------------------------------------
 
@@ -172,11 +169,7 @@ class _Generation:
             timings["phone_first_token_t_ms"] = ev.t_ms
         timings["phone_last_token_t_ms"] = ev.t_ms
         self._gaps.tokens(max(1, len(ev.ids)), ev.t_ms if ev.t_ms is not None else _now_ms())
-        if ev.ids:
-            return [self._detok.feed((i,)) for i in ev.ids]
-        if ev.text is not None:
-            return [self._oneshot_text(ev)]
-        return []
+        return [self._detok.feed((i,)) for i in ev.ids]
 
     def admit(self) -> bool:
         """True once: after the first batch (the phone accepted the prompt)."""
@@ -214,17 +207,13 @@ class _Generation:
             if self.finished.reason == "cancelled":
                 raise BackendError(f"request {self.params.request_id} was cancelled on phone {self.phone}")
             reason = self.finished.reason
-            if self._oneshot is not None:
-                reason, count = self._oneshot.finish(self.finished, count)
         self.outcome = outcome = Outcome(reason, len(self.params.prompt_ids), count, self.matched, self.phone,
                                          self.timings)
         _log_outcome(self.params.request_id, outcome)
         return outcome
 
     def _counted(self) -> int:
-        if self._oneshot is not None:
-            return self._oneshot.count(self._tokenizer, self._scan)
-        return self._scan.tokens
+        return min(self._scan.tokens, self.params.max_new)  # never more than the phone may generate
 
     def record(self, metrics: ServingMetrics | None, ended: str) -> None:
         """Metrics and the request's log fields, once, however the generation ended (``ended``: the
@@ -233,43 +222,6 @@ class _Generation:
         _record(metrics, self.params, self.phone, o.finish_reason if o else ended,
                 o.completion_tokens if o else self._counted(), self.timings,
                 self._gaps.samples(self.timings["decode_ms"]))
-
-    # -- one-shot mode (goes away with ``Tokens.text``) ----------------------------------------
-
-    def _oneshot_text(self, ev: Tokens) -> str:
-        assert ev.text is not None
-        if self._oneshot is None:
-            self._oneshot = _OneShot(self.params, ev.request_id, self.phone)
-        return self._detok.feed_text(ev.text)
-
-
-class _OneShot:
-    """One-shot mode: the phone sends text instead of ids, so tokens are counted on the host (or by
-    the backend when it knows), and why the run ended is inferred from the count."""
-
-    def __init__(self, params: GenerationParams, request_id: str, phone: str | None) -> None:
-        self._max_new = params.max_new
-        ignored = ignored_params(params)
-        if ignored:
-            logger.warning("request %s runs in one-shot mode on phone %s (greedy, no sampling parameters): "
-                           "ignoring %s", request_id, phone, ", ".join(ignored))
-
-    def count(self, tokenizer: HostTokenizer, scan: TokenStops) -> int:
-        """The text up to the end of the stop string (all of it without a match), tokenized on the
-        host; never more than the phone was allowed to generate."""
-        text = scan.text if scan.stop_end is None else scan.text[: scan.stop_end]
-        return min(len(tokenizer.encode(text)), self._max_new)
-
-    def finish(self, finished: Finished, retokenized: int) -> tuple[Literal["stop", "length"], int]:
-        """Why a one-shot run ended by itself, and its token count.
-
-        The count is the backend's when it knows one (``Finished.completion_tokens`` > 0; the one-shot
-        backend sends 0, as the CLI's stats line has no format in the contract), else the host's
-        ``retokenized`` count. Fewer tokens than ``max_new`` means the runtime stopped by itself (a
-        stop id; ``max_new`` never reaches past the context: the services clamp it), which the session
-        protocol would have called ``stop``."""
-        generated = finished.completion_tokens or retokenized
-        return ("stop" if generated < self._max_new else "length"), min(generated, self._max_new)
 
 
 def _record(

@@ -5,14 +5,18 @@ greedily, so temperature, top_p, top_k, seed and repetition_penalty cannot reach
 is served (clients send sampling parameters by default: LangChain's temperature is 0.7) and says
 what was ignored: :func:`check_oneshot` gives the names for the ``X-QHX-Ignored-Params`` response
 header when every phone of the model runs one-shot, and refuses ``n`` > 1 with sampling there (the
-choices would all be the same greedy text); the stream driver logs a warning for every generation that ran
-one-shot with parameters it ignored (which also covers fleets where only some phones run one-shot).
+choices would all be the same greedy text); the one-shot runtime, which owns the rule
+(:func:`~server.backends.adb.oneshot.ignored_params`), logs a warning for every generation it ran with
+parameters it ignored (which also covers fleets where only some phones run one-shot).
 """
 
 from __future__ import annotations
 
+from server.backends.adb.oneshot import ignored_params
 from server.backends.base import Backend, GenerationParams, PhoneState
 from server.errors import UnsupportedParameter
+
+__all__ = ["IGNORED_HEADER", "check_oneshot", "ignored_header", "ignored_params", "serves_oneshot_only"]
 
 IGNORED_HEADER = "X-QHX-Ignored-Params"
 
@@ -22,25 +26,6 @@ _SERVING = (PhoneState.READY, PhoneState.BUSY)
 def ignored_header(ignored: list[str]) -> dict[str, str]:
     """The response header naming the ignored parameters (none when nothing is ignored)."""
     return {IGNORED_HEADER: ",".join(ignored)} if ignored else {}
-
-
-def ignored_params(params: GenerationParams) -> list[str]:
-    """The request's parameters a greedy one-shot run does not honour, by their API names.
-
-    With temperature 0 the request asks for greedy decoding: the sampling parameters mean nothing
-    then, on any phone, so only repetition_penalty (which changes greedy output too) is ignored."""
-    ignored = []
-    if params.temperature > 0:
-        ignored.append("temperature")
-        if params.top_p < 1:
-            ignored.append("top_p")
-        if params.top_k > 0:
-            ignored.append("top_k")
-        if params.seed is not None:
-            ignored.append("seed")
-    if params.repetition_penalty != 1:
-        ignored.append("repetition_penalty")
-    return ignored
 
 
 def serves_oneshot_only(backend: Backend, model: str) -> bool:

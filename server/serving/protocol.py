@@ -200,7 +200,6 @@ class GenerationRequest(_Request):
 
     def to_generation_params(
         self, *, request_id: str, model: str, prompt_ids: list[int], max_new: int, stop_ids: list[int],
-        prompt_text: str | None = None,
     ) -> GenerationParams:
         return GenerationParams(
             request_id=request_id,
@@ -213,7 +212,6 @@ class GenerationRequest(_Request):
             repetition_penalty=self.repetition_penalty or 1.0,
             seed=self.seed,
             stop_ids=stop_ids,
-            prompt_text=prompt_text,
         )
 
 

@@ -150,8 +150,8 @@ class IncrementalDetokenizer:
     """Ids in, text out, one call per ``tok`` event; never emits half a UTF-8 character.
 
     ``feed(ids)`` returns the text that became complete with these ids ("" while a character is still
-    open). ``feed_text(text)`` is for one-shot mode, where the phone already sends text. ``flush()`` at
-    the end releases whatever is left (an unfinished character becomes U+FFFD, like ``decode``).
+    open). ``flush()`` at the end releases whatever is left (an unfinished character becomes U+FFFD,
+    like ``decode``).
     """
 
     def __init__(self, tokenizer: HostTokenizer) -> None:
@@ -168,9 +168,6 @@ class IncrementalDetokenizer:
             n = len(table)
             return self._utf8.decode(b"".join(table[i] if 0 <= i < n else b"" for i in ids))
         return self._feed_window(ids)
-
-    def feed_text(self, text: str) -> str:
-        return text
 
     def flush(self) -> str:
         if self._tok._id_bytes is not None:

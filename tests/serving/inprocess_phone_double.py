@@ -6,8 +6,6 @@ base.py) that lets engine tests script exact token sequences, timing and failure
 
 * events in order ``Started -> Tokens* -> Finished``; the stop id itself is not sent as a token;
 * ``Finished.reason`` is ``stop`` on a stop id, ``length`` at ``max_new``;
-* one-shot mode (``oneshot_texts``): text instead of ids, and ``Finished`` as the one-shot backend
-  sends it: ``length`` with 0 tokens (unknown), or the runtime's own count (``oneshot_said``);
 * closing the iterator early (or cancelling the consuming task) "sends cancel" and waits a little
   for the phone's ``done`` before returning, as the real phone session does;
 * failures are raised as ``BackendError`` subclasses.
@@ -41,10 +39,8 @@ class InProcessPhoneDouble(Backend):
         fail_after: int | None = None,
         error: Exception | None = None,
         admission_error: Exception | None = None,
-        oneshot_texts: list[str] | None = None,
         done_reason: str | None = None,
         skip_done: bool = False,
-        oneshot_said: int | None = None,
     ) -> None:
         self.ids = ids
         self.delay_s = delay_s
@@ -52,10 +48,8 @@ class InProcessPhoneDouble(Backend):
         self.fail_after = fail_after
         self.error = error
         self.admission_error = admission_error
-        self.oneshot_texts = oneshot_texts
         self.done_reason = done_reason
         self.skip_done = skip_done
-        self.oneshot_said = oneshot_said
         self.cancelled: list[str] = []  # request ids the phone was told to cancel
         self.cancel_confirmed: list[str] = []  # ... and confirmed `done` for
         self.busy_with: str | None = None
@@ -71,12 +65,11 @@ class InProcessPhoneDouble(Backend):
         try:
             yield Started(rid, len(params.prompt_ids), 0, "double-1")
             reason = "length"
-            outputs: list[int] | list[str] = self.oneshot_texts if self.oneshot_texts is not None else self.ids
-            for k, out in enumerate(outputs[: params.max_new]):
+            for k, out in enumerate(self.ids[: params.max_new]):
                 if self.fail_after is not None and k == self.fail_after:
                     assert self.error is not None
                     raise self.error
-                if isinstance(out, int) and out in params.stop_ids:
+                if out in params.stop_ids:
                     reason = "stop"
                     break
                 if self.delay_s:
@@ -84,18 +77,11 @@ class InProcessPhoneDouble(Backend):
                 t_ms = asyncio.get_running_loop().time() * 1000
                 self.sent += 1
                 mine += 1
-                if isinstance(out, str):
-                    yield Tokens(rid, [], None, text=out)
-                else:
-                    yield Tokens(rid, [out], t_ms)
+                yield Tokens(rid, [out], t_ms)
             finished = True
             if self.skip_done:
                 return
-            sent = mine
-            if self.oneshot_texts is not None:  # the CLI says no reason; maybe a count (stats line)
-                said = self.oneshot_said
-                reason, sent = ("stop" if said < params.max_new else "length", said) if said else ("length", 0)
-            yield Finished(rid, self.done_reason or reason, len(params.prompt_ids), sent, 1.0, 2.0)  # type: ignore[arg-type]
+            yield Finished(rid, self.done_reason or reason, len(params.prompt_ids), mine, 1.0, 2.0)  # type: ignore[arg-type]
         finally:
             if not finished:
                 self.cancelled.append(rid)

@@ -135,45 +135,6 @@ async def test_missing_done_is_a_protocol_violation(qwen_tokenizer: HostTokenize
         await collect(InProcessPhoneDouble(qwen_tokenizer.encode("abc"), skip_done=True), qwen_tokenizer)
 
 
-async def test_oneshot_text_is_passed_through_and_counted_with_the_tokenizer(qwen_tokenizer: HostTokenizer) -> None:
-    phone = InProcessPhoneDouble([], oneshot_texts=["Hello", " wor", "ld", " 🎉"])
-    deltas, out = await collect(phone, qwen_tokenizer, stop=["ld"])
-    assert "".join(d.text for d in deltas) == "Hello wor"
-    assert out.finish_reason == "stop"
-    assert out.completion_tokens == len(qwen_tokenizer.encode("Hello world"))  # through the stop string
-    phone = InProcessPhoneDouble([], oneshot_texts=["Hello", " wor", "ld", " 🎉"])
-    deltas, out = await collect(phone, qwen_tokenizer)
-    assert out.completion_tokens == len(qwen_tokenizer.encode("Hello world 🎉"))
-
-
-def oneshot_phone(tok: HostTokenizer, text: str, said: int | None = None) -> tuple[InProcessPhoneDouble, int]:
-    """A one-shot phone printing ``text`` one token at a time (and how many tokens that is)."""
-    ids = tok.encode(text)
-    return InProcessPhoneDouble([], oneshot_texts=[tok.decode([i]) for i in ids], oneshot_said=said), len(ids)
-
-
-async def test_oneshot_runtime_ending_before_max_new_is_stop(qwen_tokenizer: HostTokenizer) -> None:
-    phone, n = oneshot_phone(qwen_tokenizer, "The answer is short.")
-    _deltas, out = await collect(phone, qwen_tokenizer, max_new=n + 1)
-    assert out.finish_reason == "stop" and out.completion_tokens == n
-
-
-async def test_oneshot_runtime_reaching_max_new_is_length(qwen_tokenizer: HostTokenizer) -> None:
-    phone, n = oneshot_phone(qwen_tokenizer, "The answer is cut here and goes on")
-    _deltas, out = await collect(phone, qwen_tokenizer, max_new=5)
-    assert out.finish_reason == "length" and out.completion_tokens == 5 < n
-
-
-async def test_oneshot_count_from_the_backend_wins_over_the_retokenized_one(qwen_tokenizer: HostTokenizer) -> None:
-    """The runtime emitted "." and "." as two tokens; the host tokenizes ".." as one. When the backend
-    knows the runtime's count (``Finished.completion_tokens``), that count decides."""
-    texts = ["Wait", ".", "."]
-    assert len(qwen_tokenizer.encode("".join(texts))) < len(texts)
-    phone = InProcessPhoneDouble([], oneshot_texts=texts, oneshot_said=3)
-    _deltas, out = await collect(phone, qwen_tokenizer, max_new=3)
-    assert out.finish_reason == "length" and out.completion_tokens == 3
-
-
 async def test_stop_string_usage_does_not_depend_on_how_fast_the_consumer_reads(
     qwen_tokenizer: HostTokenizer,
 ) -> None:

@@ -16,7 +16,8 @@ prints text, so this runtime converts below the contract with the bundle's token
   else ``length``. Stop strings are the serving layer's (closing this generator early kills the
   process).
 * The CLI decodes greedily and takes no sampling parameters; GenerationParams' temperature, top_p,
-  top_k, seed and repetition_penalty do not reach it (server/serving/oneshot.py says so to clients).
+  top_k, seed and repetition_penalty do not reach it: :func:`ignored_params` names those a request
+  loses, logged per request here, and said to clients by server/serving/oneshot.py.
 * Every request pays the model load; ``prefill_ms`` is the time to the first output byte (load
   included), ``decode_ms`` the rest.
 
@@ -46,6 +47,25 @@ stderr_log = logging.getLogger("server.backends.adb.stderr")
 
 # the adb host protocol sends a service request with a 4-hex-digit length
 MAX_COMMAND_BYTES = 0xFFFF - len("shell,v2,raw:")
+
+
+def ignored_params(params: GenerationParams) -> list[str]:
+    """The request's parameters a greedy one-shot run does not honour, by their API names.
+
+    With temperature 0 the request asks for greedy decoding: the sampling parameters mean nothing
+    then, on any phone, so only repetition_penalty (which changes greedy output too) is ignored."""
+    ignored = []
+    if params.temperature > 0:
+        ignored.append("temperature")
+        if params.top_p < 1:
+            ignored.append("top_p")
+        if params.top_k > 0:
+            ignored.append("top_k")
+        if params.seed is not None:
+            ignored.append("seed")
+    if params.repetition_penalty != 1:
+        ignored.append("repetition_penalty")
+    return ignored
 
 
 @dataclass(eq=False)
@@ -123,6 +143,9 @@ class OneShot(Runtime):
 
     async def generate(self, params: GenerationParams) -> AsyncIterator[Event]:
         command = self._checked_command(params)
+        if ignored := ignored_params(params):
+            logger.warning("request %s runs in one-shot mode on phone %s (greedy, no sampling parameters): "
+                           "ignoring %s", params.request_id, self.serial, ", ".join(ignored))
         run = await self._open(params, command)
         try:
             yield Started(run.id, len(params.prompt_ids), 0, self.serial)

@@ -238,3 +238,19 @@ async def test_one_shot_phone_failing_twice_in_a_row_is_quarantined_then_served_
     assert "broken" in (health.last_error or "")
     await wait_state(phone, PhoneState.READY, timeout=10)  # tried again after the quarantine
     assert phone.mode == "oneshot"
+
+
+async def test_sampling_parameters_the_cli_cannot_honour_are_logged_per_request(
+    spare_sim: SimPhone, make_phone: MakePhone, caplog: pytest.LogCaptureFixture
+) -> None:
+    phone = await make_phone(spare_sim, device_mode="oneshot")
+    sampled = params("w1", "Hello", 2)
+    sampled.temperature, sampled.top_p = 0.7, 0.9
+    greedy = params("w2", "Hello", 2)
+    with caplog.at_level(logging.WARNING, logger="server.backends.adb.oneshot"):
+        await run(phone, sampled)
+        await run(phone, greedy)
+    warned = [r.getMessage() for r in caplog.records if "one-shot mode" in r.getMessage()]
+    want = f"request w1 runs in one-shot mode on phone {phone.serial} (greedy, no sampling parameters): "
+    assert warned == [want + "ignoring temperature, top_p"]
+    await phone.aclose()
