@@ -198,6 +198,23 @@ class Settings(BaseSettings):
         300.0, gt=0, description="Longest a request may wait in its model's queue for a phone; then 503 "
         "(code queue_timeout)."
     )
+    # --- state reuse (docs/state-reuse.md) ---
+    state_reuse: Literal["on", "off"] = Field(
+        "on", description="Reuse what a phone still holds from earlier requests (its live state, "
+        "checkpoints) instead of processing the whole prompt again. off: every request starts from an "
+        "empty state (reset), for comparison and as an escape hatch."
+    )
+    context_overflow: Literal["error", "drop-oldest"] = Field(
+        "error", description="A chat that outgrows the context: error (400, OpenAI's behaviour), or "
+        "drop-oldest: drop whole oldest turns after the system message, down to half the context. "
+        "Per request: the `context_overflow` extension field."
+    )
+    history_render: Literal["template", "as-generated"] = Field(
+        "template", description="How earlier assistant turns are rendered: template (the model's own "
+        "chat template), or as-generated (exactly as the phone generated them, keeping the empty think "
+        "block), so that continuing a phone's live state hits on runtimes without checkpoints."
+    )
+
     sse_ping_s: float = Field(15.0, gt=0, description="Seconds between `: ping` SSE comments while a stream waits.")
 
     def __init__(self, **values: Any) -> None:

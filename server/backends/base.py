@@ -27,10 +27,30 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+@dataclass(frozen=True, slots=True)
+class Boundary:
+    """A point in a prompt where a later request is likely to start again (state reuse,
+    docs/state-reuse.md): the phone may save a checkpoint there.
+
+    ``at`` counts prompt tokens (``prompt_ids[:at]`` is the prefix worth keeping). ``shared`` marks a
+    prefix that other conversations share (the end of a system/tools block): a checkpoint there is
+    worth more than a conversation's own boundary, which the conversation's next boundary supersedes.
+    """
+
+    at: int
+    shared: bool = False
+
+
 @dataclass(slots=True)
 class GenerationParams:
     """One request, in phone terms (token ids in, token ids out). Field names follow
-    device-protocol.md's `generate` op."""
+    device-protocol.md's `generate` op.
+
+    ``prompt_ids`` is always the *whole* prompt. Which part of it a phone still holds from earlier
+    requests (its live state, a checkpoint) and so need not process again is the phone's business
+    (``server.backends.adb``), as is where it saves checkpoints (among ``boundaries``). ``reset``
+    true lets the phone reuse what it holds when that is exactly a prefix of the prompt; false is
+    not used by the serving layer."""
 
     request_id: str
     model: str
@@ -43,6 +63,7 @@ class GenerationParams:
     seed: int | None = None
     stop_ids: list[int] = field(default_factory=list)
     reset: bool = True
+    boundaries: list[Boundary] = field(default_factory=list)  # where checkpoints are worth saving
 
 
 @dataclass(slots=True)
@@ -51,6 +72,7 @@ class Started:
     prompt_tokens: int
     state_tokens: int
     phone: str  # serial of the phone that runs it
+    cached_tokens: int = 0  # prompt tokens the phone did not process again (state reuse)
 
 
 @dataclass(slots=True)
@@ -152,6 +174,9 @@ class PhoneHealth:
     simulated: bool = False
     failures: int = 0  # failures in a row (a successful request resets it)
     retry_in_s: float | None = None  # while quarantined: seconds until it is tried again
+    state_tokens: int | None = None  # tokens its live state holds, as the host knows it (None: unknown)
+    checkpoint_slots: int = 0  # checkpoint slots its runtime has (0: none, a v1 runtime)
+    checkpoints_used: int = 0  # slots holding a checkpoint
 
 
 class Backend(abc.ABC):
