@@ -13,7 +13,7 @@ admits a request, runs ``runtime.generate(params)``, and owns the phone's state 
 request in flight). Its supervisor starts a runtime (:class:`~server.backends.adb.launcher.Launcher`),
 serves until ``wait_closed()`` returns, and starts another.
 
-The rules every runtime keeps (tests/backends/adb/test_runtime.py runs the same tests on both):
+The rules every runtime keeps (tests/backends/adb/test_runtime_seam.py runs the same tests on both):
 
 * ``generate`` yields ``Started``, ``Tokens``..., ``Finished`` (the backend contract) and raises a
   :class:`~server.errors.BackendError` on failure; when it yields ``Finished`` it is ready for the
