@@ -204,6 +204,11 @@ class Settings(BaseSettings):
         "checkpoints) instead of processing the whole prompt again. off: every request starts from an "
         "empty state (reset), for comparison and as an escape hatch."
     )
+    route_wait_max_s: float = Field(
+        5.0, ge=0, le=600, description="With state_reuse on: longest a request waits for a busy phone that "
+        "holds its prompt (expected faster than a free phone processing the whole prompt) before it "
+        "takes a free phone instead; at most half of queue_timeout_s. 0: never wait while a phone is free."
+    )
     context_overflow: Literal["error", "drop-oldest"] = Field(
         "error", description="A chat that outgrows the context: error (400, OpenAI's behaviour), or "
         "drop-oldest: drop whole oldest turns after the system message, down to half the context. "
