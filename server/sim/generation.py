@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -59,10 +58,17 @@ class Steering:
     tool: dict | None  # the tool to call (its JSON function definition), or None
 
 
-def request_rng(context_ids: Sequence[int], temperature: float, seed: int | None) -> random.Random:
-    """Greedy: a function of the context alone. Seeded: of the seed and the context. Else random."""
+def request_rng(context: bytes, temperature: float, seed: int | None) -> random.Random:
+    """Greedy: a function of the context alone. Seeded: of the seed and the context. Else random.
+
+    ``context`` is the *text* of the whole sequence as bytes (its tokens' bytes joined), not its ids:
+    two tokenizations of the same text (a host that reuses a state holding different but equivalent
+    ids, docs/state-reuse.md) give the same output, as a real model does for text-identical input;
+    different text gives other output. Bytes rather than the decoded string, because decoding is lossy
+    where the bytes are not valid UTF-8 (a lead byte alone and a lead byte plus one continuation byte
+    both decode to one U+FFFD), and a state one such token off must still give other output."""
     if temperature <= 0 or seed is not None:
-        digest = hashlib.blake2b(array("q", context_ids).tobytes(), digest_size=8)
+        digest = hashlib.blake2b(context, digest_size=8)
         if temperature > 0:
             digest.update(str(seed).encode())
         return random.Random(int.from_bytes(digest.digest(), "little"))
@@ -105,6 +111,10 @@ class TextModel:
         """Raw bytes of one token: possibly an incomplete UTF-8 sequence."""
         return token_bytes(self._tok, token)
 
+    def text_bytes(self, ids: Sequence[int]) -> bytes:
+        """The text of ``ids`` as raw bytes (special tokens spelled out), however it is split into ids."""
+        return b"".join(self.token_bytes(i) for i in ids)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Context text with special tokens spelled out (for steering)."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -123,13 +133,13 @@ class TextModel:
     ) -> Iterator[int]:
         """What follows ``state``, the *whole* token sequence held when decoding starts.
 
-        The only way the engine asks for text: steering and RNG both read the full sequence, so for
-        greedy (or seeded) requests the output depends on the sequence alone, not on how the state
-        was reached (reset, continuation, restore), and a state that is off by one token gives
-        different output.
+        The only way the engine asks for text: steering and RNG both read the decoded text of the full
+        sequence, so for greedy (or seeded) requests the output depends on that text alone, not on how
+        the state was reached (reset, continuation, restore) nor on how the text was split into ids,
+        and a state that is off by one token gives different output.
         """
         steering = steer(self.decode(state), think=think, tool_call=tool_call)
-        rng = request_rng(state, temperature, seed)
+        rng = request_rng(self.text_bytes(state), temperature, seed)
         return self.stream(steering, rng, stop_ids, stop_rate=stop_rate, min_tokens=min_tokens)
 
     def stream(

@@ -222,3 +222,31 @@ def test_restore_and_saves_add_their_cost_to_prefill(new_engine: Callable[..., E
     knobs(speed=1, decode_tps=1000, prefill_factor=1.0, checkpoint_ms=100)  # 1 ms per prompt token
     _, result = run(engine, list(range(10)), 1, restore=0, save=[Save(1, 5), Save(2, 13)])
     assert result.prefill_ms >= 3 * 100 + 10  # lower bound only: sleeps are never shorter
+
+
+TEXT_UNITS = st.sampled_from([" the", " answer", "hello", ",", ".", "\n\n", " café", " 東京", " 🦙", "<|im_end|>",
+                              "\n<|im_start|>user\n", "<think>\n\n</think>\n\n", "  ", "ab", "12"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(units=st.lists(TEXT_UNITS, min_size=2, max_size=25), data=st.data(), sampling=SAMPLING)
+def test_output_is_a_function_of_the_text_not_of_its_tokenization(
+        new_engine: Callable[..., Engine], model: TextModel, units: list[str], data: st.DataObject,
+        sampling: Sampling) -> None:
+    """Design decision 2 of state reuse: a state holding another tokenization of the same text (the host
+    reused a live state whose ids differ from the prompt's, text-identical) generates the same tokens,
+    whether it is reached by a reset or by a continuation; other text generates other tokens."""
+    kw = sampled(sampling)
+    text = "".join(units)
+    canonical = model.encode_prompt(text)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(text) - 1), max_size=4), label="cuts"))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    split = [i for piece in pieces for i in model.encode_prompt(piece)]
+    assert model.text_bytes(split) == model.text_bytes(canonical)
+    whole, _ = run(new_engine(), canonical, **kw)
+    assert run(new_engine(), split, **kw)[0] == whole
+    engine = new_engine()  # continuation: the first pieces' ids live in the state, the rest follows
+    run(engine, model.encode_prompt(pieces[0]), 0, **kw)
+    rest = [i for piece in pieces[1:] for i in model.encode_prompt(piece)]
+    assert run(engine, rest, reset=False, **kw)[0] == whole
+    assert run(new_engine(), model.encode_prompt(text + "x"), **kw)[0] != whole

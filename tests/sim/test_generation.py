@@ -51,7 +51,7 @@ def test_rng_is_a_function_of_context_when_greedy_or_seeded() -> None:
     def draw(rng: random.Random) -> list[float]:
         return [rng.random() for _ in range(3)]
 
-    assert draw(request_rng([1, 2], 0, None)) == draw(request_rng([1, 2], 0, 5))
-    assert draw(request_rng([1, 2], 0, None)) != draw(request_rng([1, 3], 0, None))
-    assert draw(request_rng([1, 2], 0.7, 5)) == draw(request_rng([1, 2], 0.7, 5))
-    assert draw(request_rng([1, 2], 0.7, 5)) != draw(request_rng([1, 2], 0.7, 6))
+    assert draw(request_rng(b"ab", 0, None)) == draw(request_rng(b"ab", 0, 5))
+    assert draw(request_rng(b"ab", 0, None)) != draw(request_rng(b"ac", 0, None))
+    assert draw(request_rng(b"ab", 0.7, 5)) == draw(request_rng(b"ab", 0.7, 5))
+    assert draw(request_rng(b"ab", 0.7, 5)) != draw(request_rng(b"ab", 0.7, 6))
