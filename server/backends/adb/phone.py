@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from adbutils.errors import AdbError
 
@@ -326,6 +326,16 @@ class Phone(Backend):
             runtime.abort(f"quarantined: {self.last_error}")  # the supervisor waits the quarantine out
         else:
             self._set_state(PhoneState.READY)
+
+    def reusable(self, prompt_ids: Sequence[int]) -> int:
+        """Prompt tokens this phone would not process again if asked to run ``prompt_ids`` now (what
+        routing weighs; 0 when it holds nothing of it, runs one-shot, or state reuse is off)."""
+        return 0
+
+    @property
+    def prefill_ms_per_token(self) -> float | None:
+        """Its measured cost of one processed prompt token, in ms (None until measured)."""
+        return None
 
     async def cancel(self, request_id: str) -> None:
         if self._request_id == request_id and self._runtime is not None:
