@@ -4,14 +4,18 @@ A phone runs one generation at a time. Requests for a model wait in that model's
 ready, idle phone serving the model is free (docs/pool.md):
 
 * routing: waiters are offered the free phones oldest first, and a :class:`~server.scheduling.routing
-  .Router` chooses (``IdleLongest`` by default: of several free phones, the one idle longest, so
-  that load spreads over all phones);
+  .Router` chooses (``PrefixAware`` with ``state_reuse on``: the lowest expected time to first token,
+  counting what each phone would reuse of the prompt; ``IdleLongest`` with it off: of several free
+  phones, the one idle longest, so that load spreads over all phones). A router may leave a request
+  waiting for a busy phone beside a free one (``WaitFor``): bounded, the pool asks it again by the
+  deadline it names; later waiters may take the free phones meanwhile;
 * the queue is bounded (``Settings.max_queue`` waiting requests per model, then
   :class:`~server.errors.Overloaded` -> 429 with ``Retry-After``: the expected time until a phone
   frees up, from the recent request durations) and so is the wait (``Settings.queue_timeout_s``,
   then :class:`~server.errors.NoPhoneAvailable` -> 503, code ``queue_timeout``);
 * the bound applies to requests that must wait: a request that an idle phone can take right away
-  takes it, however long the queue (its waiters cannot use that phone);
+  takes it, however long the queue (its waiters cannot use that phone, or chose to wait for a busy
+  one); a new request that would rather wait for a busy phone takes a free one when the queue is full;
 * when the last phone of a model goes away (unplugged, adb server gone), its waiters get 503 at once
   instead of waiting for the timeout, and so do new requests for it (503, not 404: the model was
   served and its phones may come back; a name never served is ``ModelNotFound`` -> 404);
@@ -26,7 +30,8 @@ then claimed (the request runs on it). ``_lease`` is the one place a lease is ta
 a waiter that leaves the queue in any other way than by claiming its grant (queue timeout,
 cancellation, the client gone, an error) gives back whatever was granted to it meanwhile
 (``_withdraw``), and a claimed lease is released when the request's block ends, however it ends.
-``audit()`` checks that bookkeeping (tests assert it under load).
+``audit()`` checks that bookkeeping, and that nobody waits beside a free phone it may use except by
+its router's bounded choice (tests assert it under load).
 
 Phone health (quarantine after failures in a row) is the phone's own business
 (``server.backends.adb.phone``): the pool routes to READY phones only.
@@ -41,8 +46,9 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -58,7 +64,15 @@ from server.backends.base import (
     admission,
 )
 from server.errors import BackendError, ModelNotFound, NoPhoneAvailable, Overloaded
-from server.scheduling.routing import IdleLongest, PhoneView, Router, RouteRequest
+from server.scheduling.routing import (
+    IdleLongest,
+    PhoneView,
+    PrefixAware,
+    Route,
+    Router,
+    RouteRequest,
+    WaitFor,
+)
 
 if TYPE_CHECKING:
     from server.settings import Settings
@@ -72,7 +86,8 @@ _PRESENT = frozenset(
 _SERVING = frozenset({PhoneState.READY, PhoneState.BUSY})
 MAX_REGRANTS = 3  # a request whose granted phone vanished goes back to the queue this often at most
 RETRY_AFTER_MAX_S = 60.0
-SERVICE_EWMA = 0.2  # weight of the newest request duration in the Retry-After estimate
+SERVICE_EWMA = 0.2  # weight of the newest request duration in the Retry-After and routing estimates
+RECHECK_SLACK_S = 0.001  # a deadline's recheck runs this late, so that a timer firing early finds it passed
 
 
 class PoolPhone(Protocol):
@@ -89,6 +104,15 @@ class PoolPhone(Protocol):
     async def cancel(self, request_id: str) -> None: ...
 
     def health(self) -> list[PhoneHealth]: ...
+
+    def reusable(self, prompt_ids: Sequence[int]) -> int:
+        """Prompt tokens it would not process again if asked to run this prompt now (state reuse)."""
+        ...
+
+    @property
+    def prefill_ms_per_token(self) -> float | None:
+        """Its measured cost of one prompt token (None: not measured yet)."""
+        ...
 
 
 class PhoneSource(Protocol):
@@ -181,7 +205,7 @@ class PhonePool(Backend):
 
     def __init__(self, settings: Settings, source: SourceFactory, *, router: Router | None = None) -> None:
         self._settings = settings
-        self._router: Router = router or IdleLongest()
+        self._router: Router = router or default_router(settings)
         self._queues: dict[str, collections.deque[_Waiter]] = collections.defaultdict(collections.deque)
         self._leased: dict[str, str] = {}  # phone key -> request id (granted or running)
         self._granted: dict[str, _Waiter] = {}  # phone key -> the waiter it was granted to, not yet claimed
@@ -192,6 +216,10 @@ class PhonePool(Backend):
         # then checks the id against its own), audit() catches a lease that outlived its request.
         self._running: dict[str, tuple[str, PoolPhone]] = {}
         self._idle_since: dict[str, float] = {}  # phone key -> when it was last handed back
+        self._leased_at: dict[str, float] = {}  # phone key -> when it was leased (granted) to its request
+        # a router's WaitFor deadline: the pool asks again then (the earliest one pending; None: none)
+        self._recheck: asyncio.TimerHandle | None = None
+        self._recheck_at: float | None = None  # time.monotonic() of that deadline
         self._service_s: dict[str, float] = {}  # model -> moving average of a request's phone time
         self._served: set[str] = set()  # models a phone has served (ready or busy) since the start
         self._source = source(self.phone_changed)
@@ -223,17 +251,41 @@ class PhonePool(Backend):
             if phone.model is not None and phone.model.name == model and phone.state in states
         ]
 
-    def _views(self, model: str) -> list[PhoneView]:
-        """What the router sees of the phones serving the model (ready or busy), in the source's order."""
+    def _view(self, key: str, phone: PoolPhone, request: RouteRequest, *, named: bool = False, ahead: int = 0,
+              now: float, peers_ms: float | None) -> PhoneView:
+        """Phone ``key`` as the router sees it for ``request``. ``named``: granted to an earlier waiter
+        of the same round (leased from now on); ``ahead``: earlier waiters of the round that chose to
+        wait for it (each adds one average request to its wait); ``peers_ms``: the cost per prompt token
+        it is taken to have until it measured its own (:meth:`_peers_prefill_ms`)."""
+        leased = named or key in self._leased
+        wait: float | None = 0.0
+        if phone.state is not PhoneState.READY or leased:
+            service = self._service_s.get(request.model)
+            if service is None or not leased:  # no estimate yet; or busy outside a lease (winding down)
+                wait = None
+            else:
+                held = 0.0 if named else now - self._leased_at.get(key, now)
+                wait = max(0.0, service - held) + ahead * service
+        prompt = len(request.prompt_ids)
+        reusable = min(max(phone.reusable(request.prompt_ids), 0), prompt) if prompt else 0
+        own = phone.prefill_ms_per_token
+        return PhoneView(key, phone.state, leased, self._idle_since.get(key, 0.0), reusable, wait,
+                         peers_ms if own is None else own)
+
+    def _peers_prefill_ms(self, keys: Iterable[str]) -> float | None:
+        """The median cost per prompt token of the phones that measured one: what a phone that has not
+        is taken to cost (a phone new to the pool is not taken for slower than its peers)."""
         phones = self._phones()
-        return [
-            PhoneView(key, phones[key].state, key in self._leased, self._idle_since.get(key, 0.0))
-            for key in self._of_model(model, _SERVING)
-        ]
+        measured = [c for key in keys if (c := phones[key].prefill_ms_per_token) is not None]
+        return statistics.median(measured) if measured else None
 
     def _idle(self, model: str) -> list[str]:
         """Ready phones of the model nobody holds."""
-        return [v.key for v in self._views(model) if v.free]
+        phones = self._phones()
+        return [k for k in self._of_model(model, _SERVING) if self._free(k, phones[k])]
+
+    def _free(self, key: str, phone: PoolPhone, named: Iterable[str] = ()) -> bool:
+        return phone.state is PhoneState.READY and key not in self._leased and key not in named
 
     def _dispatch(self) -> None:
         for model, queue in self._queues.items():
@@ -244,23 +296,61 @@ class PhonePool(Backend):
             if not self._of_model(model, _PRESENT):
                 self._fail_all(model, queue)
                 continue
-            self._route(queue, self._views(model))
+            self._route(model, queue)
 
-    def _route(self, queue: collections.deque[_Waiter], views: list[PhoneView]) -> None:
-        """Offers the free phones to the waiters, oldest first; the router picks (or not) for each."""
-        for waiter in list(queue):
-            if not any(v.free for v in views):
+    def _offers(self, model: str, waiters: Iterable[_Waiter], now: float) -> Iterator[tuple[_Waiter, Route]]:
+        """One round of routing: the waiters, oldest first, each with its router's answer, as long as
+        a phone of the model is free. A phone named for one waiter is leased for the next ones, and a
+        busy phone one chose to wait for is one request further away for the ones behind it. Reads only:
+        :meth:`_route` grants what it names, :meth:`audit` checks that it names nothing."""
+        phones = self._phones()
+        keys = self._of_model(model, _SERVING)
+        named: set[str] = set()
+        ahead: collections.Counter[str] = collections.Counter()
+        peers_ms = self._peers_prefill_ms(keys)
+        for waiter in waiters:
+            if not any(self._free(k, phones[k], named) for k in keys):
                 return
             if waiter.future.done():
                 continue
-            key = self._router.choose(waiter.request, views)
-            if key is None:
-                continue
-            queue.remove(waiter)
-            self._leased[key] = waiter.request_id
-            self._granted[key] = waiter  # until its request claims it (or gives it back)
-            waiter.future.set_result(key)
-            views = [dataclasses.replace(v, leased=True) if v.key == key else v for v in views]
+            views = [self._view(k, phones[k], waiter.request, named=k in named, ahead=ahead[k], now=now,
+                                peers_ms=peers_ms) for k in keys]
+            choice = self._router.choose(waiter.request, views)
+            if isinstance(choice, WaitFor):
+                ahead[choice.key] += 1
+            elif choice is not None:
+                named.add(choice)
+            yield waiter, choice
+
+    def _route(self, model: str, queue: collections.deque[_Waiter]) -> None:
+        """Offers the free phones to the waiters, oldest first; grants what the router names, and asks
+        again by the deadline of a wait it chose instead."""
+        for waiter, choice in list(self._offers(model, queue, time.monotonic())):
+            if isinstance(choice, WaitFor):
+                self._recheck_by(choice.until)
+            elif choice is not None:
+                self._grant(queue, waiter, choice)
+
+    def _grant(self, queue: collections.deque[_Waiter], waiter: _Waiter, key: str) -> None:
+        queue.remove(waiter)
+        self._leased[key] = waiter.request_id
+        self._leased_at[key] = time.monotonic()
+        self._granted[key] = waiter  # until its request claims it (or gives it back)
+        waiter.future.set_result(key)
+
+    def _recheck_by(self, when: float) -> None:
+        """Routes again at ``when`` (time.monotonic()), a router's WaitFor deadline."""
+        if self._recheck is not None and self._recheck_at is not None and self._recheck_at <= when:
+            return
+        if self._recheck is not None:
+            self._recheck.cancel()
+        delay = max(0.0, when - time.monotonic()) + RECHECK_SLACK_S
+        self._recheck_at = when
+        self._recheck = asyncio.get_running_loop().call_later(delay, self._recheck_due)
+
+    def _recheck_due(self) -> None:
+        self._recheck = self._recheck_at = None
+        self._dispatch()
 
     def _no_phone(self, model: str) -> NoPhoneAvailable:
         return NoPhoneAvailable(f"No phone serves `{model}` right now (unplugged or adb server gone); "
@@ -297,6 +387,8 @@ class PhonePool(Backend):
             queue.append(waiter)
         self._dispatch()  # an idle phone it may use is its own now, however long the queue
         if not front and not waiter.future.done() and self.queue_depth(model) > self._settings.max_queue:
+            self._take_a_free_phone(queue, waiter)  # it would rather wait for a busy one: no room for that
+        if not front and not waiter.future.done() and self.queue_depth(model) > self._settings.max_queue:
             self._withdraw(waiter)
             raise Overloaded(
                 f"The queue for `{model}` is full ({self._settings.max_queue} waiting); retry later.",
@@ -306,6 +398,16 @@ class PhonePool(Backend):
         if ticket is not None and not front:  # queued or granted: no status code can refuse it now
             ticket.admitted()
         return waiter
+
+    def _take_a_free_phone(self, queue: collections.deque[_Waiter], waiter: _Waiter) -> None:
+        """Grants the waiter the free phone its router names when it may not wait for a busy one."""
+        impatient = dataclasses.replace(waiter.request, patient=False)
+        phones, keys, now = self._phones(), self._of_model(waiter.model, _SERVING), time.monotonic()
+        peers_ms = self._peers_prefill_ms(keys)
+        views = [self._view(k, phones[k], impatient, now=now, peers_ms=peers_ms) for k in keys]
+        choice = self._router.choose(impatient, views)
+        if isinstance(choice, str):
+            self._grant(queue, waiter, choice)
 
     def _withdraw(self, waiter: _Waiter) -> None:
         """The waiter leaves without claiming a phone: out of the queue, and a phone granted to it
@@ -355,6 +457,7 @@ class PhonePool(Backend):
             logger.error("request %s gives back phone %s, leased to %s", request_id, key, holder)
             return
         del self._leased[key]
+        self._leased_at.pop(key, None)
         self._idle_since[key] = time.monotonic()
         self._dispatch()
 
@@ -441,7 +544,10 @@ class PhonePool(Backend):
         * every leased phone is held by the request running on it, or granted to a waiter whose task
           has not woken up yet (so at rest, leases held == requests running);
         * every running request holds the lease of its phone;
-        * no request waits while an idle phone it may use is free.
+        * no request waits while an idle phone it may use is free, unless its router chose to wait for a
+          busy phone (``WaitFor``) and the pool will ask again by the deadline the router named (or that
+          deadline has just passed and its recheck is due). The routing round is the pool's own
+          (:meth:`_offers`), so the audit asks the router exactly what dispatching would.
         """
         problems: list[str] = []
         for key, rid in self._leased.items():
@@ -458,20 +564,36 @@ class PhonePool(Backend):
             if self._leased.get(key) != rid:
                 problems.append(f"request {rid} runs on phone {key} without holding its lease")
         problems += [f"granted phone {key} is not leased" for key in self._granted if key not in self._leased]
+        now = time.monotonic()
+        recheck = self._recheck_at if self._recheck is not None else None
         for model, queue in self._queues.items():
-            views = self._views(model)
-            for waiter in queue:
-                usable = None if waiter.future.done() else self._router.choose(waiter.request, views)
-                if usable is not None:
-                    problems.append(f"phone {usable} is idle while {waiter.request_id}, which may use it, waits")
+            for waiter, choice in self._offers(model, queue, now):
+                if isinstance(choice, WaitFor):
+                    if recheck is None or recheck > choice.until:
+                        problems.append(f"{waiter.request_id} waits for busy phone {choice.key} beside a "
+                                        "free one, and nothing asks again by its deadline")
+                elif choice is not None and (recheck is None or recheck > now):
+                    problems.append(f"phone {choice} is idle while {waiter.request_id}, which may use it, "
+                                    "waits")
         return problems
 
     async def aclose(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = self._recheck_at = None
         for queue in self._queues.values():
             for waiter in queue:
                 waiter.future.cancel()
             queue.clear()
         await self._source.aclose()
+
+
+def default_router(settings: Settings) -> Router:
+    """``PrefixAware`` with ``state_reuse on`` (its wait for a busy phone at most ``route_wait_max_s``
+    and half the queue timeout, so that a deliberate wait never ends in a 503), ``IdleLongest`` off."""
+    if settings.state_reuse == "off":
+        return IdleLongest()
+    return PrefixAware(min(settings.route_wait_max_s, settings.queue_timeout_s / 2))
 
 
 async def build_backend(settings: Settings) -> PhonePool:

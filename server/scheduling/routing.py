@@ -3,25 +3,36 @@ mechanics (FIFO per model, bounds, timeouts, leases, retries) and asks a :class:
 waiting request, oldest first, whenever a phone may have become free.
 
 A router sees a read-only picture: the request (:class:`RouteRequest`) and the phones serving its
-model (:class:`PhoneView`, one per phone that is ready or busy, free or not), and names a free one or
-none. ``None`` leaves the request queued; the pool asks again on the next change (a phone handed back,
-a phone's state changed, a new request). A router holds no state of its own about phones or requests:
-what it decides from belongs in the views, so that a policy is tested by building views.
+model (:class:`PhoneView`, one per phone that is ready or busy, free or not, as seen *for this
+request*: what it would reuse of this prompt, how long until it could start it), and answers with a
+:data:`Route`: the key of a free phone, :class:`WaitFor` a busy one (a deliberate, bounded wait
+beside a free phone it may use), or ``None`` (no free phone it may use). The pool asks again on the
+next change (a phone handed back, a phone's state changed, a new request) and, for a ``WaitFor``, by
+its deadline at the latest. A router holds no state of its own about phones or requests: what it
+decides from belongs in the views, so that a policy is tested by building views.
 
-Policies to come add fields here, not new arguments: what a phone holds (its live state's token ids
-and checkpoint slots) for prefix-aware routing, its telemetry (thermal status) for thermal-aware
-routing. The request already carries its prompt ids for the first of those.
+Policies to come add fields here, not new arguments: a phone's telemetry (thermal status) for
+thermal-aware routing, for instance.
 
-:class:`IdleLongest` is today's policy (docs/pool.md, "Scheduling").
+* :class:`IdleLongest`: of the free phones, the one idle longest (docs/pool.md, "Scheduling"); the
+  pool's policy with ``state_reuse off``.
+* :class:`PrefixAware`: the lowest expected time to first token, counting what each phone would
+  reuse of the prompt, and waiting (bounded) for a busy phone when that is faster
+  (docs/state-reuse.md, "Routing"); the pool's policy with ``state_reuse on``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from server.backends.base import PhoneState
+
+# a prompt token's cost on a phone that has not measured its own yet: 0.7 decode steps at 22.7 tok/s
+# (the model card's fp16 rate; the simulated phone's timing model at speed 1, server/sim/simconfig.py)
+DEFAULT_PREFILL_MS_PER_TOKEN = 0.7 / 22.7 * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,17 +43,27 @@ class RouteRequest:
     model: str
     avoid: frozenset[str]  # phones (keys) that failed this request
     enqueued: float  # time.monotonic() when it joined the queue (a retry: when it joined it again)
-    prompt_ids: Sequence[int] = ()  # for prefix-aware policies; never modified
+    prompt_ids: Sequence[int] = ()  # the whole prompt; never modified
+    # it may wait for a busy phone while a free one it may use is there; the pool says False when its
+    # queue is full: a request the queue cannot hold takes a free phone at once or is refused
+    patient: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class PhoneView:
-    """One phone serving the request's model, as a router sees it."""
+    """One phone serving the request's model, as a router sees it for that request."""
 
     key: str  # "<adb server>/<serial>", as the pool and /v1/devices name it
     state: PhoneState  # READY or BUSY
     leased: bool  # held by a request (running on it, or granted to one about to run)
     idle_since: float  # time.monotonic() when a request last handed it back; 0.0 if none ever did
+    reusable: int = 0  # prompt tokens of this request it would not process again (live state, checkpoint)
+    # expected seconds until it could start this request: 0 when free; for a phone leased to another
+    # request, the rest of that request (the pool's average request time minus the time it has held
+    # the phone, at least 0) plus one average request per waiter ahead of this one that waits for it;
+    # None when the pool cannot tell (no request of the model finished yet, a phone busy outside a lease)
+    wait_s: float | None = 0.0
+    prefill_ms_per_token: float | None = None  # its measured cost of one prompt token; None: not measured
 
     @property
     def free(self) -> bool:
@@ -50,26 +71,97 @@ class PhoneView:
         return self.state is PhoneState.READY and not self.leased
 
 
+@dataclass(frozen=True, slots=True)
+class WaitFor:
+    """The request waits for busy phone ``key``, though a free phone it may use is there, until
+    ``until`` (time.monotonic()) at the latest: the pool asks the router again by then."""
+
+    key: str
+    until: float
+
+
+# the key of a free phone; a deliberate, bounded wait for a busy one; or None: no free phone it may use
+Route = str | WaitFor | None
+
+
 class Router(Protocol):
     """Chooses a phone for a request. ``phones`` are the phones that serve the request's model (ready
-    or busy), in the pool's order; the answer is the key of one whose ``free`` is true, or ``None`` to
-    leave the request waiting. Called on the event loop, often: it must not block or await."""
+    or busy), in the pool's order; the answer is the key of one whose ``free`` is true, ``None`` when
+    the request may use none of them, or a :class:`WaitFor` (a busy phone) when it may use a free one
+    but rather waits for a busy one, never past the ``until`` it names. Called on the event loop,
+    often: it must not block or await."""
 
-    def choose(self, request: RouteRequest, phones: Sequence[PhoneView]) -> str | None: ...
+    def choose(self, request: RouteRequest, phones: Sequence[PhoneView]) -> Route: ...
 
 
 class IdleLongest:
-    """Today's policy: of the free phones the request may use, the one idle longest, so that load
-    spreads over all phones. A phone that failed this request is avoided while another phone serves
-    the model (busy or not: the request rather waits for that one); when every phone serving the
-    model failed it, any of them will do (with one phone, the retry goes to that phone once it is
-    back)."""
+    """Of the free phones the request may use, the one idle longest, so that load spreads over all
+    phones. A phone that failed this request is avoided while another phone serves the model (busy or
+    not: the request rather waits for that one); when every phone serving the model failed it, any of
+    them will do (with one phone, the retry goes to that phone once it is back)."""
 
-    def choose(self, request: RouteRequest, phones: Sequence[PhoneView]) -> str | None:
+    def choose(self, request: RouteRequest, phones: Sequence[PhoneView]) -> Route:
         usable = [p for p in phones if p.free and _may_use(request, p, phones)]
         if not usable:
             return None
         return min(usable, key=lambda p: p.idle_since).key  # the first of equals: the pool's order breaks ties
+
+
+class PrefixAware:
+    """The phone with the lowest expected time to first token: its wait (0 when free) plus the prompt
+    tokens it would process (the prompt less what it would reuse) times its cost per prompt token
+    (measured, else ``prefill_ms_per_token``). Of equals, the free phone idle longest (then the pool's
+    order), so that requests with nothing to reuse spread over the phones as with :class:`IdleLongest`.
+
+    A busy phone wins only when it is strictly faster than the best free phone and its expected wait
+    ends within ``wait_max_s`` of the request joining the queue; the request then waits for it
+    (:class:`WaitFor`) until that deadline at the latest, and takes the best free phone after it.
+    Waiting never starves anyone: the pool keeps asking oldest first, later requests take free phones
+    meanwhile, and a wait the pool counts ahead makes a busy phone slower for the requests behind it,
+    so that many conversations at once spread over the phones instead of queueing for one. A phone
+    that failed this request is avoided as :class:`IdleLongest` avoids it."""
+
+    def __init__(
+        self,
+        wait_max_s: float,
+        *,
+        prefill_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.wait_max_s = wait_max_s
+        self.prefill_ms_per_token = prefill_ms_per_token
+        self._clock = clock
+
+    def expected_ttft_s(self, request: RouteRequest, phone: PhoneView) -> float | None:
+        """Seconds until this request's first token on ``phone`` (None: its wait is unknown)."""
+        wait = 0.0 if phone.free else phone.wait_s
+        if wait is None:
+            return None
+        prompt = len(request.prompt_ids)
+        todo = prompt - min(max(phone.reusable, 0), prompt)
+        ms = phone.prefill_ms_per_token
+        if ms is None:
+            ms = self.prefill_ms_per_token
+        return wait + todo * ms / 1000.0
+
+    def choose(self, request: RouteRequest, phones: Sequence[PhoneView]) -> Route:
+        usable = [p for p in phones if _may_use(request, p, phones)]
+        free = [(self.expected_ttft_s(request, p) or 0.0, p.idle_since, p) for p in usable if p.free]
+        if not free:
+            return None
+        best_s, _, best = min(free, key=lambda c: (c[0], c[1]))  # the first of equals: the pool's order
+        deadline = request.enqueued + self.wait_max_s
+        now = self._clock()
+        if request.patient and now < deadline:
+            faster = [
+                (ttft, p)
+                for p in usable
+                if not p.free and p.wait_s is not None and now + p.wait_s <= deadline
+                and (ttft := self.expected_ttft_s(request, p)) is not None and ttft < best_s
+            ]
+            if faster:
+                return WaitFor(min(faster, key=lambda c: c[0])[1].key, deadline)
+        return best.key
 
 
 def _may_use(request: RouteRequest, phone: PhoneView, phones: Sequence[PhoneView]) -> bool:

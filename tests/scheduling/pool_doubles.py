@@ -8,7 +8,7 @@ before or after its first token, and change the phone's state, deterministically
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from server.backends.base import (
@@ -36,7 +36,11 @@ def model_info(name: str = "m") -> ModelInfo:
 class DoublePhone(Backend):
     """A phone serving ``model``. ``hold`` keeps every request on the phone until ``release()``;
     ``fail_before``/``fail_after_first`` make the next requests fail that way. A request gets its
-    ``max_new`` tokens in one ``Tokens`` event. It passes the Backend contract (tests/contract/)."""
+    ``max_new`` tokens in one ``Tokens`` event. It passes the Backend contract (tests/contract/).
+
+    For routing, it says what it holds (``holds``: token sequences, as a phone's live state and
+    checkpoints; it would reuse the longest that is a prefix of a prompt) and what a prompt token costs
+    it (``prefill_ms_per_token``, None: not measured); neither changes as it serves."""
 
     key: str
     pool: PhonePool | None = None
@@ -49,6 +53,8 @@ class DoublePhone(Backend):
     steps: int = 0  # event-loop turns a request takes on the phone: before its first token, after, and to end
     served: list[str] = field(default_factory=list)  # request ids, in start order
     in_flight: str | None = None  # the request on the phone
+    holds: list[Sequence[int]] = field(default_factory=list)  # what it would reuse (prefixes of prompts)
+    prefill_ms_per_token: float | None = None
     _gate: asyncio.Event = field(default_factory=asyncio.Event)
 
     def set_state(self, state: PhoneState) -> None:
@@ -95,6 +101,10 @@ class DoublePhone(Backend):
         for _ in range(self.steps):
             await asyncio.sleep(0)
 
+    def reusable(self, prompt_ids: Sequence[int]) -> int:
+        prompt = list(prompt_ids)
+        return max((len(h) for h in self.holds if list(h) == prompt[: len(h)]), default=0)
+
     async def cancel(self, request_id: str) -> None:
         if request_id == self.in_flight:
             self.release()
@@ -133,9 +143,9 @@ def make_pool(
     return pool, source.phones
 
 
-def params(rid: str, model: str = "m") -> GenerationParams:
-    return GenerationParams(request_id=rid, model=model, prompt_ids=[1, 2, 3], max_new=4)
+def params(rid: str, model: str = "m", prompt_ids: Sequence[int] = (1, 2, 3)) -> GenerationParams:
+    return GenerationParams(request_id=rid, model=model, prompt_ids=list(prompt_ids), max_new=4)
 
 
-async def run(pool: PhonePool, rid: str, model: str = "m") -> list[Event]:
-    return [ev async for ev in pool.generate(params(rid, model))]
+async def run(pool: PhonePool, rid: str, model: str = "m", prompt_ids: Sequence[int] = (1, 2, 3)) -> list[Event]:
+    return [ev async for ev in pool.generate(params(rid, model, prompt_ids))]

@@ -1,17 +1,29 @@
 """Routing (server/scheduling/routing.py): policies alone (a request and phone views in, a key out; no
-pool, no queue), then the seam: the pool asks the router it was given and grants what it names."""
+pool, no queue), then the seam: the pool asks the router it was given and grants what it names.
+The prefix-aware policy with the pool and its doubles: test_pool_prefix.py."""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.backends.base import PhoneState
 from server.errors import NoPhoneAvailable
-from server.scheduling.routing import IdleLongest, PhoneView, Router, RouteRequest
+from server.scheduling.routing import (
+    DEFAULT_PREFILL_MS_PER_TOKEN,
+    IdleLongest,
+    PhoneView,
+    PrefixAware,
+    Router,
+    RouteRequest,
+    WaitFor,
+)
 from tests.scheduling.pool_doubles import make_pool, run
 
 READY, BUSY = PhoneState.READY, PhoneState.BUSY
@@ -25,45 +37,59 @@ def view(key: str, state: PhoneState = READY, *, leased: bool = False, idle_sinc
     return PhoneView(key, state, leased, idle_since)
 
 
-def test_the_phone_idle_longest_is_chosen() -> None:
+# Where nothing is reused anywhere (every view's ``reusable`` is 0, one cost per prompt token), the
+# prefix-aware policy chooses as IdleLongest does: these tests run against both.
+BOTH = pytest.mark.parametrize("router", [IdleLongest(), PrefixAware(5.0, clock=lambda: 0.0)],
+                               ids=["idle-longest", "prefix-aware"])
+
+
+@BOTH
+def test_the_phone_idle_longest_is_chosen(router: Router) -> None:
     phones = [view("a", idle_since=3.0), view("b", idle_since=1.0), view("c", idle_since=2.0)]
-    assert IdleLongest().choose(request(), phones) == "b"
+    assert router.choose(request(), phones) == "b"
 
 
-def test_a_phone_never_handed_back_counts_as_idle_longest_and_ties_keep_the_pool_order() -> None:
+@BOTH
+def test_a_phone_never_handed_back_counts_as_idle_longest_and_ties_keep_the_pool_order(router: Router) -> None:
     phones = [view("a", idle_since=5.0), view("b"), view("c")]
-    assert IdleLongest().choose(request(), phones) == "b"
+    assert router.choose(request(), phones) == "b"
 
 
-def test_busy_and_leased_phones_are_never_chosen() -> None:
+@BOTH
+def test_busy_and_leased_phones_are_never_chosen(router: Router) -> None:
     phones = [view("busy", BUSY), view("granted", leased=True), view("free", idle_since=9.0)]
-    assert IdleLongest().choose(request(), phones) == "free"
-    assert IdleLongest().choose(request(), phones[:2]) is None
+    assert router.choose(request(), phones) == "free"
+    assert router.choose(request(), phones[:2]) is None
 
 
-def test_a_phone_that_failed_the_request_is_avoided_while_another_serves_the_model() -> None:
+@BOTH
+def test_a_phone_that_failed_the_request_is_avoided_while_another_serves_the_model(router: Router) -> None:
     phones = [view("failed"), view("other", idle_since=9.0)]
-    assert IdleLongest().choose(request(avoid=["failed"]), phones) == "other"
+    assert router.choose(request(avoid=["failed"]), phones) == "other"
 
 
-def test_the_request_waits_for_a_busy_phone_rather_than_go_back_to_the_one_that_failed_it() -> None:
+@BOTH
+def test_the_request_waits_for_a_busy_phone_rather_than_go_back_to_the_one_that_failed_it(router: Router) -> None:
     phones = [view("failed"), view("other", BUSY)]
-    assert IdleLongest().choose(request(avoid=["failed"]), phones) is None
+    assert router.choose(request(avoid=["failed"]), phones) is None
 
 
-def test_when_every_phone_serving_the_model_failed_the_request_any_free_one_will_do() -> None:
-    assert IdleLongest().choose(request(avoid=["only"]), [view("only")]) == "only"
+@BOTH
+def test_when_every_phone_serving_the_model_failed_the_request_any_free_one_will_do(router: Router) -> None:
+    assert router.choose(request(avoid=["only"]), [view("only")]) == "only"
     phones = [view("a", idle_since=2.0), view("b", idle_since=1.0)]
-    assert IdleLongest().choose(request(avoid=["a", "b"]), phones) == "b"
+    assert router.choose(request(avoid=["a", "b"]), phones) == "b"
 
 
-def test_no_phones_no_choice() -> None:
-    assert IdleLongest().choose(request(), []) is None
+@BOTH
+def test_no_phones_no_choice(router: Router) -> None:
+    assert router.choose(request(), []) is None
 
 
-def test_idle_longest_is_a_router() -> None:
-    router: Router = IdleLongest()
-    assert router.choose(request(), [view("a")]) == "a"
+def test_both_policies_are_routers() -> None:
+    for router in (IdleLongest(), PrefixAware(5.0)):
+        chosen: Router = router
+        assert chosen.choose(request(), [view("a")]) == "a"
 
 
 # --------------------------------------------------------------------------- properties
@@ -77,25 +103,27 @@ views = st.lists(
 avoids = st.lists(st.frozensets(keys, max_size=3), min_size=1, max_size=5)
 
 
+@BOTH
 @given(views, avoids)
 def test_the_choice_is_the_free_phone_idle_longest_among_those_the_request_may_use(
-    phones: list[PhoneView], avoid_sets: list[frozenset[str]]
+    router: Router, phones: list[PhoneView], avoid_sets: list[frozenset[str]]
 ) -> None:
     for avoid in avoid_sets:
         every_one_failed_it = all(p.key in avoid for p in phones)
         usable = [p for p in phones if p.free and (p.key not in avoid or every_one_failed_it)]
-        chosen = IdleLongest().choose(request(avoid=avoid), phones)
+        chosen = router.choose(request(avoid=avoid), phones)
         if not usable:
             assert chosen is None
         else:
             assert chosen == next(p.key for p in usable if p.idle_since == min(u.idle_since for u in usable))
 
 
-def offer_oldest_first(phones: list[PhoneView], waiters: list[frozenset[str]]) -> dict[int, str]:
+def offer_oldest_first(router: Router, phones: list[PhoneView], waiters: list[frozenset[str]]) -> dict[int, str]:
     """How the pool uses a router: each waiter in FIFO order is offered what is still free."""
     granted: dict[int, str] = {}
     for i, avoid in enumerate(waiters):
-        key = IdleLongest().choose(request(f"r{i}", avoid), phones)
+        key = router.choose(request(f"r{i}", avoid), phones)
+        assert not isinstance(key, WaitFor)  # nothing to reuse: nothing worth waiting for
         if key is not None:
             granted[i] = key
             phones = [PhoneView(p.key, p.state, True, p.idle_since) if p.key == key else p for p in phones]
@@ -114,11 +142,326 @@ def each_phone_to_the_oldest_waiter(phones: list[PhoneView], waiters: list[froze
     return granted
 
 
+@BOTH
 @given(views, avoids)
 def test_offering_phones_oldest_waiter_first_gives_each_free_phone_to_the_oldest_waiter_that_may_use_it(
-    phones: list[PhoneView], waiters: list[frozenset[str]]
+    router: Router, phones: list[PhoneView], waiters: list[frozenset[str]]
 ) -> None:
-    assert offer_oldest_first(phones, waiters) == each_phone_to_the_oldest_waiter(phones, waiters)
+    assert offer_oldest_first(router, phones, waiters) == each_phone_to_the_oldest_waiter(phones, waiters)
+
+
+# --------------------------------------------------------------------------- prefix-aware, alone
+
+PROMPT = list(range(100))  # 100 tokens: 3.08 s to process at the default cost (30.8 ms a token)
+MS = DEFAULT_PREFILL_MS_PER_TOKEN
+
+
+class Clock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def prefix_aware(wait_max_s: float = 5.0, clock: Clock | None = None) -> PrefixAware:
+    return PrefixAware(wait_max_s, clock=clock or Clock())
+
+
+def asking(rid: str = "r", *, enqueued: float = 0.0, avoid: Sequence[str] = (), patient: bool = True,
+           prompt: Sequence[int] = PROMPT) -> RouteRequest:
+    return RouteRequest(rid, "m", frozenset(avoid), enqueued, prompt, patient)
+
+
+def phone(key: str, *, busy: bool = False, reusable: int = 0, wait_s: float | None = 0.0,
+          ms: float | None = None, idle_since: float = 0.0) -> PhoneView:
+    """A free phone, or (``busy``) one leased to a request that holds it ``wait_s`` seconds more."""
+    return PhoneView(key, BUSY if busy else READY, busy, idle_since, reusable, wait_s if busy else 0.0, ms)
+
+
+def test_the_free_phone_holding_the_prefix_is_chosen_over_the_one_idle_longest() -> None:
+    phones = [phone("empty", idle_since=1.0), phone("holds", reusable=90, idle_since=5.0)]
+    assert prefix_aware().choose(asking(), phones) == "holds"
+
+
+def test_the_phone_that_would_process_fewest_tokens_wins_at_its_own_measured_cost() -> None:
+    phones = [phone("a", reusable=20), phone("b", reusable=80), phone("c", reusable=50)]
+    assert prefix_aware().choose(asking(), phones) == "b"
+    # a phone that processes prompts 30x faster wins although it holds nothing
+    phones = [phone("slow", reusable=50, ms=30.0), phone("fast", ms=1.0)]
+    assert prefix_aware().choose(asking(), phones) == "fast"
+    # a phone that has not measured its cost is taken at the default one
+    phones = [phone("unmeasured", reusable=10), phone("measured", ms=MS * 0.85)]
+    assert prefix_aware().choose(asking(), phones) == "measured"
+    assert prefix_aware().choose(asking(), [phone("unmeasured", reusable=20), phones[1]]) == "unmeasured"
+
+
+def test_of_equally_fast_phones_the_one_idle_longest_then_the_pool_order() -> None:
+    phones = [phone("a", reusable=50, idle_since=3.0), phone("b", reusable=50, idle_since=2.0),
+              phone("c", reusable=50, idle_since=2.0), phone("d", reusable=40, idle_since=0.0)]
+    assert prefix_aware().choose(asking(), phones) == "b"
+
+
+def test_the_request_waits_for_the_busy_phone_holding_its_prompt_when_that_is_faster() -> None:
+    # busy one more second, then 10 tokens (1.31 s) against 100 tokens on the free phone (3.08 s)
+    phones = [phone("empty"), phone("holds", busy=True, reusable=90, wait_s=1.0)]
+    assert prefix_aware(5.0).choose(asking(enqueued=0.0), phones) == WaitFor("holds", 5.0)
+
+
+def test_an_idle_empty_phone_is_chosen_when_the_busy_one_would_take_longer() -> None:
+    phones = [phone("empty"), phone("holds", busy=True, reusable=90, wait_s=3.0)]  # 3 + 0.31 > 3.08 s
+    assert prefix_aware(5.0).choose(asking(), phones) == "empty"
+    # no faster either way: equal is not worth a wait
+    equal = [phone("empty", reusable=10), phone("holds", busy=True, reusable=100, wait_s=90 * MS / 1000)]
+    assert prefix_aware(5.0).choose(asking(), equal) == "empty"
+
+
+def test_a_wait_expected_to_end_after_the_bound_is_not_started() -> None:
+    phones = [phone("empty"), phone("holds", busy=True, reusable=100, wait_s=2.5)]  # 2.5 s < 3.08 s
+    assert prefix_aware(5.0).choose(asking(), phones) == WaitFor("holds", 5.0)
+    assert prefix_aware(2.0).choose(asking(), phones) == "empty"  # but it would end past 2 s
+    clock = Clock(3.0)  # asked again 3 s after it joined the queue: 2.5 s more would end at 5.5 s
+    assert prefix_aware(5.0, clock).choose(asking(), phones) == "empty"
+
+
+def test_the_wait_is_bounded_then_the_request_takes_another_phone() -> None:
+    """The deadline is the request's (joined the queue + the bound), whatever the busy phone says:
+    a request it runs over, the estimate still 0 s away, is given up at the deadline."""
+    clock = Clock(10.0)
+    router = prefix_aware(5.0, clock)
+    request = asking(enqueued=10.0)
+    for now, wait_s in ((10.0, 1.0), (11.0, 0.0), (14.99, 0.0)):
+        clock.now = now
+        phones = [phone("empty"), phone("holds", busy=True, reusable=90, wait_s=wait_s)]
+        assert router.choose(request, phones) == WaitFor("holds", 15.0)
+    clock.now = 15.0
+    assert router.choose(request, phones) == "empty"
+
+
+def test_a_busy_phone_whose_wait_the_pool_cannot_tell_is_not_waited_for() -> None:
+    phones = [phone("empty"), phone("holds", busy=True, reusable=100, wait_s=None)]
+    assert prefix_aware().choose(asking(), phones) == "empty"
+
+
+def test_without_a_free_phone_it_may_use_the_request_just_waits() -> None:
+    """A WaitFor is a wait beside a free phone; with none free the pool keeps the request queued."""
+    phones = [phone("holds", busy=True, reusable=90, wait_s=1.0), phone("other", busy=True, wait_s=0.1)]
+    assert prefix_aware().choose(asking(), phones) is None
+
+
+def test_a_request_the_queue_cannot_hold_takes_a_free_phone_at_once() -> None:
+    phones = [phone("empty"), phone("holds", busy=True, reusable=90, wait_s=1.0)]
+    assert prefix_aware().choose(asking(patient=False), phones) == "empty"
+
+
+def test_a_busy_phone_that_failed_the_request_is_not_waited_for() -> None:
+    phones = [phone("empty"), phone("failed", busy=True, reusable=90, wait_s=0.5)]
+    assert prefix_aware().choose(asking(avoid=["failed"]), phones) == "empty"
+    # of two busy phones holding the prompt, the faster
+    phones = [phone("empty"), phone("a", busy=True, reusable=90, wait_s=1.0),
+              phone("b", busy=True, reusable=90, wait_s=0.5)]
+    assert prefix_aware().choose(asking(), phones) == WaitFor("b", 5.0)
+
+
+# random views: what a prefix-aware answer may be
+aware_views = st.lists(
+    st.builds(phone, keys, busy=st.booleans(), reusable=st.integers(-5, 120),
+              wait_s=st.one_of(st.none(), st.floats(0, 8)), ms=st.one_of(st.none(), st.floats(0, 60)),
+              idle_since=st.sampled_from([0.0, 1.0, 2.0])),
+    max_size=5, unique_by=lambda v: v.key,
+)
+
+
+@given(aware_views, st.frozensets(keys, max_size=3), st.floats(0, 10), st.floats(0, 8), st.booleans())
+def test_a_prefix_aware_answer_is_the_fastest_free_phone_or_a_bounded_wait_for_a_faster_busy_one(
+    phones: list[PhoneView], avoid: frozenset[str], now: float, wait_max_s: float, patient: bool
+) -> None:
+    router = prefix_aware(wait_max_s, Clock(now))
+    request = asking(avoid=avoid, patient=patient)
+    every_one_failed_it = all(p.key in avoid for p in phones)
+    usable = [p for p in phones if p.key not in avoid or every_one_failed_it]
+    free = [p for p in usable if p.free]
+    ttft = {p.key: router.expected_ttft_s(request, p) for p in usable}
+    chosen = router.choose(request, phones)
+    if not free:
+        assert chosen is None
+        return
+    fastest_free = min(ttft[p.key] or 0.0 for p in free)
+    if isinstance(chosen, WaitFor):
+        waited = next(p for p in usable if p.key == chosen.key)
+        assert not waited.free and waited.wait_s is not None and patient
+        assert chosen.until == request.enqueued + wait_max_s and now + waited.wait_s <= chosen.until
+        assert (ttft[waited.key] or 0.0) < fastest_free  # strictly faster, or not worth a wait
+    else:
+        assert chosen in {p.key for p in free}
+        assert ttft[chosen] == fastest_free
+        ties = [p for p in free if ttft[p.key] == fastest_free]
+        assert chosen == min(ties, key=lambda p: p.idle_since).key
+
+
+# --------------------------------------------------------------------------- prefix-aware, in a queue
+
+
+SERVICE_S = 1.0  # a request's time on a phone
+BOUND_S = 5.0
+N_PHONES = 4
+
+
+@dataclass
+class MiniPool:
+    """The pool's routing round (server/scheduling/pool.py ``_offers``) over phones that are free or
+    busy, in virtual time: waiters oldest first, each phone's wait the rest of its request plus one
+    request per waiter ahead that waits for it; rounds on every change and at every deadline."""
+
+    router: PrefixAware
+    clock: Clock
+    busy_since: dict[str, float | None] = field(
+        default_factory=lambda: {f"p{i}": None for i in range(N_PHONES)})  # None: free
+    idle_since: dict[str, float] = field(default_factory=lambda: {f"p{i}": 0.0 for i in range(N_PHONES)})
+    queue: list[RouteRequest] = field(default_factory=list)
+    reusable: dict[str, dict[str, int]] = field(default_factory=dict)  # request -> phone -> tokens
+    granted: dict[str, str] = field(default_factory=dict)  # request -> phone
+    order: list[str] = field(default_factory=list)  # grants, in order
+
+    def views(self, request: RouteRequest, ahead: collections.Counter[str]) -> list[PhoneView]:
+        now = self.clock.now
+        return [
+            PhoneView(k, READY if since is None else BUSY, since is not None, self.idle_since[k],
+                      self.reusable[request.request_id][k],
+                      0.0 if since is None else max(0.0, SERVICE_S - (now - since)) + ahead[k] * SERVICE_S, MS)
+            for k, since in self.busy_since.items()
+        ]
+
+    def free(self) -> list[str]:
+        return [k for k, since in self.busy_since.items() if since is None]
+
+    def round(self) -> None:
+        ahead: collections.Counter[str] = collections.Counter()
+        waited: set[str] = set()  # requests that chose to wait for a busy phone this round
+        for request in list(self.queue):
+            if not self.free():
+                break
+            views = self.views(request, ahead)
+            choice = self.router.choose(request, views)
+            if isinstance(choice, WaitFor):
+                assert choice.key not in self.free() and choice.until == request.enqueued + BOUND_S
+                assert self.clock.now < choice.until  # bounded: never past its deadline
+                ahead[choice.key] += 1
+                waited.add(request.request_id)
+                continue
+            assert choice in self.free()  # a free phone it may use exists: it gets one or waits by choice
+            # FIFO: every older request still waiting chose, within its bound, to wait for a busy phone
+            older = self.queue[: self.queue.index(request)]
+            assert all(r.request_id in waited for r in older)
+            self.queue.remove(request)
+            self.busy_since[choice] = self.clock.now
+            self.granted[request.request_id] = choice
+            self.order.append(request.request_id)
+        for request in self.queue:  # past its deadline, nobody waits beside a free phone
+            assert not self.free() or self.clock.now < request.enqueued + BOUND_S
+
+    def arrive(self, rid: str, reusable: Sequence[int], prompt: Sequence[int] = PROMPT) -> None:
+        self.queue.append(RouteRequest(rid, "m", frozenset(), self.clock.now, prompt))
+        self.reusable[rid] = {f"p{i}": n for i, n in enumerate(reusable)}
+        self.round()
+
+    def finish(self, key: str) -> None:
+        if self.busy_since[key] is not None:
+            self.busy_since[key] = None
+            self.idle_since[key] = self.clock.now
+            self.round()
+
+    def advance(self, dt: float) -> None:
+        """Time passes; the pool asks again at each deadline on the way."""
+        end = self.clock.now + dt
+        for deadline in sorted(r.enqueued + BOUND_S for r in self.queue):
+            if self.clock.now < deadline <= end:
+                self.clock.now = deadline
+                self.round()
+        self.clock.now = end
+        self.round()
+
+
+def mini_pool() -> MiniPool:
+    clock = Clock(100.0)
+    return MiniPool(PrefixAware(BOUND_S, clock=clock), clock)
+
+
+events = st.lists(
+    st.one_of(
+        st.tuples(st.just("arrive"), st.lists(st.integers(0, 100), min_size=N_PHONES, max_size=N_PHONES)),
+        st.tuples(st.just("finish"), st.integers(0, N_PHONES - 1)),
+        st.tuples(st.just("advance"), st.floats(0.0, 3.0)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events)
+def test_no_request_starves_under_any_stream_of_requests_and_phone_events(stream: list[tuple[str, Any]]) -> None:
+    """Whatever arrives and whenever phones finish: a request waits beside a free phone only by choice
+    and within its bound, never while an older one that did not choose so waits (the checks are in
+    ``MiniPool.round``), and once the phones keep finishing, every request gets a phone, oldest first
+    among those past their deadline."""
+    pool = mini_pool()
+    for i, (kind, arg) in enumerate(stream):
+        if kind == "arrive":
+            pool.arrive(f"r{i}", arg)
+        elif kind == "finish":
+            pool.finish(f"p{arg}")
+        else:
+            pool.advance(arg)
+    waiting = len(pool.queue)
+    for _ in range(waiting // N_PHONES + 2):  # each turn every phone finishes, and the deadlines pass
+        pool.advance(BOUND_S)
+        for key in list(pool.busy_since):
+            pool.finish(key)
+    assert pool.queue == []
+    assert len(pool.granted) == sum(1 for kind, _ in stream if kind == "arrive")
+
+
+def test_a_request_waiting_for_its_phone_is_passed_by_later_ones_only_for_phones_it_declined() -> None:
+    pool = mini_pool()
+    for key in ("p0", "p1", "p2"):
+        pool.busy_since[key] = pool.clock.now  # busy one more second each; p3 free
+    pool.arrive("holds-p0", [95, 0, 0, 0])  # waits for p0 (1.15 s) rather than take p3 (3.08 s)
+    assert pool.queue and pool.order == []
+    pool.arrive("new", [0, 0, 0, 0])  # nothing to reuse: takes p3 meanwhile
+    assert pool.granted == {"new": "p3"}
+    pool.finish("p1")  # not the phone it waits for: still worth waiting for p0
+    pool.arrive("holds-p0-too", [95, 0, 0, 0])  # behind it for p0: 2.15 s, waits too
+    assert [r.request_id for r in pool.queue] == ["holds-p0", "holds-p0-too"]
+    pool.finish("p0")  # the older one gets it
+    assert pool.granted["holds-p0"] == "p0"
+    pool.advance(BOUND_S)  # the younger one gives up on p0 at its deadline: takes p1
+    assert pool.granted["holds-p0-too"] == "p1"
+
+
+def test_many_conversations_at_once_spread_over_the_phones_instead_of_queueing_for_one() -> None:
+    """Eight conversations share a system prompt that only p0 holds (60 of 100 tokens): the first
+    takes p0, the second waits for it (1 s + 40 tokens beats 100 tokens), but for the third p0 is two
+    requests away, so it and the next take the other phones: four run at once, one waits for p0."""
+    pool = mini_pool()
+    for i in range(8):
+        pool.arrive(f"c{i}", [60, 0, 0, 0])
+    assert pool.granted == {"c0": "p0", "c2": "p1", "c3": "p2", "c4": "p3"}
+    assert [r.request_id for r in pool.queue] == ["c1", "c5", "c6", "c7"]
+    pool.finish("p0")
+    assert pool.granted["c1"] == "p0"
+
+
+def test_conversations_each_go_back_to_the_phone_holding_them() -> None:
+    pool = mini_pool()
+    for i in range(N_PHONES):
+        pool.arrive(f"turn1-c{i}", [0] * N_PHONES)  # idle longest first: c0 p0, c1 p1, ...
+    for key in list(pool.busy_since):
+        pool.finish(key)
+    pool.advance(1.0)
+    for i in reversed(range(N_PHONES)):  # their second turns, in another order
+        held = [90 if j == int(pool.granted[f"turn1-c{i}"][1:]) else 0 for j in range(N_PHONES)]
+        pool.arrive(f"turn2-c{i}", held)
+    assert all(pool.granted[f"turn2-c{i}"] == pool.granted[f"turn1-c{i}"] for i in range(N_PHONES))
 
 
 # --------------------------------------------------------------------------- the pool asks the router
