@@ -52,7 +52,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from server.backends.base import Backend, GenerationParams, ModelInfo
+from server.backends.base import Backend, Boundary, GenerationParams, ModelInfo
 from server.serving.choices import choice_params, merge_choices
 from server.serving.driver import Outcome, TextDelta, generate_text
 from server.serving.metrics import ServingMetrics
@@ -153,6 +153,12 @@ class OpenAIServing(abc.ABC, Generic[R, Q]):
     async def _prompt(self, request: R) -> Q:
         """The request's prompt, tokenized (a prompt that cannot fit at all is refused here)."""
 
+    def _boundaries(self, prompt: Q) -> list[Boundary]:
+        """Where in the prompt a later request is likely to start again, for the phone to keep
+        (docs/state-reuse.md): by default the end of the prompt (a completion continued, or its
+        prompt sent again with other parameters). Chat says where its turns begin."""
+        return [Boundary(len(prompt.ids))]
+
     @abc.abstractmethod
     def _choice_stream(self, p: Prepared[R, Q], index: int) -> ChoiceStream:
         """What shapes choice ``index``'s chunks."""
@@ -204,7 +210,7 @@ class OpenAIServing(abc.ABC, Generic[R, Q]):
         tok = prompt.tokenizer
         return request.to_generation_params(
             request_id=request_id, model=prompt.info.name, prompt_ids=prompt.ids, max_new=max_new,
-            stop_ids=[tok.special_id(t) for t in self.stop_tokens],
+            stop_ids=[tok.special_id(t) for t in self.stop_tokens], boundaries=self._boundaries(prompt),
         )
 
     # -- running --------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.backends.base import GenerationParams
+from server.backends.base import Boundary, GenerationParams
 from server.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
 
 MAX_STOP_STRINGS = 4  # spec: "Up to 4 sequences"
@@ -200,6 +200,7 @@ class GenerationRequest(_Request):
 
     def to_generation_params(
         self, *, request_id: str, model: str, prompt_ids: list[int], max_new: int, stop_ids: list[int],
+        boundaries: list[Boundary] | None = None,
     ) -> GenerationParams:
         return GenerationParams(
             request_id=request_id,
@@ -212,6 +213,7 @@ class GenerationRequest(_Request):
             repetition_penalty=self.repetition_penalty or 1.0,
             seed=self.seed,
             stop_ids=stop_ids,
+            boundaries=list(boundaries or []),
         )
 
 

@@ -37,7 +37,8 @@ _NFC_SHRINK_BOUND = 4
 # are only the fallbacks.
 ENDOFTEXT = "<|endoftext|>"
 IM_END = "<|im_end|>"
-_FALLBACK_IDS = {ENDOFTEXT: 248044, IM_END: 248046}
+IM_START = "<|im_start|>"
+_FALLBACK_IDS = {ENDOFTEXT: 248044, IM_END: 248046, IM_START: 248045}
 
 
 
@@ -131,7 +132,8 @@ class HostTokenizer:
         return self._tk.token_to_id(token)
 
     def special_id(self, token: str) -> int:
-        """Id of a named special token (``ENDOFTEXT``, ``IM_END``), falling back to Qwen3.5's ids."""
+        """Id of a named special token (``ENDOFTEXT``, ``IM_END``, ``IM_START``), falling back to Qwen3.5's
+        ids."""
         found = self._tk.token_to_id(token)
         return found if found is not None else _FALLBACK_IDS[token]
 

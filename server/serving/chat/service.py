@@ -16,8 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.backends.base import Backend, ModelInfo
+from server.backends.base import Backend, Boundary, ModelInfo
 from server.serving.base import OpenAIServing, Prepared, Prompt
+from server.serving.chat.boundaries import chat_boundaries
 from server.serving.chat.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -38,7 +39,7 @@ from server.serving.chat.tools import ArgumentsDelta, CallStarted, Text, ToolPla
 from server.serving.driver import Outcome
 from server.serving.metrics import ServingMetrics
 from server.serving.models import ModelRegistry
-from server.serving.tokens import ENDOFTEXT, IM_END
+from server.serving.tokens import ENDOFTEXT, IM_END, IM_START
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ class ChatService(OpenAIServing[ChatCompletionRequest, RenderedPrompt]):
 
     async def _prompt(self, request: ChatCompletionRequest) -> RenderedPrompt:
         return await self.render(request)
+
+    def _boundaries(self, prompt: RenderedPrompt) -> list[Boundary]:
+        """The end of the system/tools block and the last message boundary (chat/boundaries.py)."""
+        return chat_boundaries(prompt.ids, prompt.tokenizer.special_id(IM_START),
+                               opens_with_system=prompt.text.startswith(f"{IM_START}system"))
 
     def _reply(self, p: PreparedChat) -> ReplyParser:
         return ReplyParser(p.prompt.plan, thinking=p.prompt.thinking,
