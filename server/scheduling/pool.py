@@ -340,13 +340,19 @@ class PhonePool(Backend):
 
     def _recheck_by(self, when: float) -> None:
         """Routes again at ``when`` (time.monotonic()), a router's WaitFor deadline."""
-        if self._recheck is not None and self._recheck_at is not None and self._recheck_at <= when:
+        pending = self._pending_recheck()
+        if pending is not None and pending <= when:
             return
         if self._recheck is not None:
             self._recheck.cancel()
         delay = max(0.0, when - time.monotonic()) + RECHECK_SLACK_S
         self._recheck_at = when
         self._recheck = asyncio.get_running_loop().call_later(delay, self._recheck_due)
+
+    def _pending_recheck(self) -> float | None:
+        """When the pool routes again by itself (time.monotonic()); None when nothing is scheduled."""
+        handle = self._recheck
+        return self._recheck_at if handle is not None and not handle.cancelled() else None
 
     def _recheck_due(self) -> None:
         self._recheck = self._recheck_at = None
@@ -565,7 +571,7 @@ class PhonePool(Backend):
                 problems.append(f"request {rid} runs on phone {key} without holding its lease")
         problems += [f"granted phone {key} is not leased" for key in self._granted if key not in self._leased]
         now = time.monotonic()
-        recheck = self._recheck_at if self._recheck is not None else None
+        recheck = self._pending_recheck()
         for model, queue in self._queues.items():
             for waiter, choice in self._offers(model, queue, now):
                 if isinstance(choice, WaitFor):

@@ -4,7 +4,8 @@ and above all a grant that races any of these. A lost lease wedges the phone for
 ready and idle in /v1/devices while every request waits for it and times out.
 
 ``PhonePool.audit()`` states the bookkeeping (leases held == requests running, plus grants not yet
-claimed; no request waits while a phone it may use is idle); the storm asserts it at every step."""
+claimed; no request waits while a phone it may use is idle, but by its router's bounded choice); the
+storm asserts it at every step, with each routing policy."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import asyncio
 import collections
 import random
 import time
+from collections.abc import Sequence
 
 import pytest
 
 from server.backends.base import Finished, PhoneState
 from server.errors import ModelNotFound, NoPhoneAvailable, Overloaded, PhoneLost
 from server.scheduling.pool import PhonePool
+from server.scheduling.routing import PhoneView, PrefixAware, Route, RouteRequest, WaitFor
 from tests.scheduling.pool_doubles import DoublePhone, make_pool, params, run
 
 STORM = 400  # requests per storm
@@ -53,11 +56,43 @@ def assert_at_rest(pool: PhonePool) -> None:
 
 # --------------------------------------------------------------------------- the storm
 
+PROMPTS = ([1] * 50 + [2] * 50, [3] * 50 + [4] * 50, [5] * 100)  # p0 holds most of the first, p1 half the second
 
+
+class Counting:
+    """A router that counts its answers by kind (a key, a WaitFor, None)."""
+
+    def __init__(self, router: PrefixAware) -> None:
+        self.router = router
+        self.answers: collections.Counter[str] = collections.Counter()
+
+    def choose(self, request: RouteRequest, phones: Sequence[PhoneView]) -> Route:
+        choice = self.router.choose(request, phones)
+        self.answers["wait" if isinstance(choice, WaitFor) else "none" if choice is None else "phone"] += 1
+        return choice
+
+
+def storm_pool(router: str, max_queue: int) -> tuple[PhonePool, dict[str, DoublePhone], Counting | None]:
+    """Three phones. ``prefix-aware``: they hold parts of the storm's prompts, and a request waits for
+    a busy phone holding its prompt 10 ms at most (a storm's request takes a few loop turns), so that
+    deliberate waits begin, end at their phone and run out at their bound all through the storm."""
+    if router == "idle-longest":
+        pool, phones = make_pool(3, max_queue=max_queue, state_reuse="off")
+        return pool, phones, None
+    counting = Counting(PrefixAware(0.01))
+    pool, phones = make_pool(3, max_queue=max_queue, router=counting)
+    phones["p0"].holds = [PROMPTS[0][:90]]
+    phones["p1"].holds = [PROMPTS[1][:50]]
+    return pool, phones, counting
+
+
+@pytest.mark.parametrize("router", ["idle-longest", "prefix-aware"])
 @pytest.mark.parametrize(("seed", "max_queue"), [(1, 1000), (2, 1000), (3, 4)])
-async def test_a_storm_of_timeouts_cancels_disconnects_and_unplugs_loses_no_phone(seed: int, max_queue: int) -> None:
+async def test_a_storm_of_timeouts_cancels_disconnects_and_unplugs_loses_no_phone(
+    seed: int, max_queue: int, router: str
+) -> None:
     rng = random.Random(seed)
-    pool, phones = make_pool(3, max_queue=max_queue)
+    pool, phones, counting = storm_pool(router, max_queue)
     for p in phones.values():
         p.steps = 3  # a request takes a few loop turns: waiters pile up and time out
     outcomes: collections.Counter[str] = collections.Counter()
@@ -66,15 +101,16 @@ async def test_a_storm_of_timeouts_cancels_disconnects_and_unplugs_loses_no_phon
         # the pool reads the timeout as the request enters the queue (synchronously, below)
         pool._settings.queue_timeout_s = rng.choice(TIMEOUTS)
         disconnect = rng.random() < 0.15
+        prompt = rng.choice(PROMPTS)
         try:
             if disconnect:  # the client goes away after the first event
-                agen = pool.generate(params(f"r{i}"))
+                agen = pool.generate(params(f"r{i}", prompt_ids=prompt))
                 async for _ in agen:  # type: ignore[attr-defined]
                     break
                 await agen.aclose()  # type: ignore[attr-defined]
                 outcomes["disconnected"] += 1
             else:
-                await run(pool, f"r{i}")
+                await run(pool, f"r{i}", prompt_ids=prompt)
                 outcomes["ok"] += 1
         except Overloaded:
             assert not pool._idle("m"), "queue full while a phone was free"
@@ -122,6 +158,8 @@ async def test_a_storm_of_timeouts_cancels_disconnects_and_unplugs_loses_no_phon
     assert min(outcomes["ok"], outcomes["queue_timeout"], outcomes["cancelled"], outcomes["disconnected"]) > 10, outcomes
     if max_queue < 10:
         assert outcomes["queue_full"] > 10, outcomes
+    if counting is not None:  # and the router chose to wait beside free phones many times
+        assert counting.answers["wait"] > 10, counting.answers
     assert_at_rest(pool)
     await every_phone_serves_at_once(pool, phones)
     assert_at_rest(pool)
