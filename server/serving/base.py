@@ -58,7 +58,7 @@ from server.serving.driver import Outcome, TextDelta, generate_text
 from server.serving.metrics import ServingMetrics
 from server.serving.models import ModelRegistry
 from server.serving.oneshot import check_oneshot
-from server.serving.protocol import CompletionUsage, GenerationRequest
+from server.serving.protocol import CompletionUsage, GenerationRequest, PromptTokensDetails
 from server.serving.tokens import HostTokenizer
 
 
@@ -116,11 +116,13 @@ class ChoiceStream(Protocol):
 
 
 def usage(outcomes: list[Outcome]) -> CompletionUsage:
-    """The prompt counts once for all choices (as OpenAI counts it), completions add up."""
+    """The prompt counts once for all choices (as OpenAI counts it), completions add up; of the
+    prompt, the tokens no choice's phone processed again are cached (the fewest over choices)."""
     prompt = outcomes[0].prompt_tokens if outcomes else 0
     completion = sum(o.completion_tokens for o in outcomes)
-    return CompletionUsage(completion_tokens=completion, prompt_tokens=prompt,
-                           total_tokens=prompt + completion)
+    cached = min((o.cached_tokens for o in outcomes), default=0)
+    return CompletionUsage(completion_tokens=completion, prompt_tokens=prompt, total_tokens=prompt + completion,
+                           prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def timings(p: Prepared[Any, Any], *outcomes: Outcome) -> dict[str, object] | None:

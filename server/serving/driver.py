@@ -68,6 +68,7 @@ class Outcome:
     #                                 not say which one)
     phone: str | None  # serial of the phone that ran it
     timings: dict[str, float | None] = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens the phone did not process again (``Started.cached_tokens``)
 
     @property
     def total_tokens(self) -> int:
@@ -92,7 +93,9 @@ async def generate_text(
     one-shot mode), ``host_start_t_ms`` / ``host_first_token_t_ms`` (host ``time.monotonic()``).
 
     However it ends, the generation is recorded once: in ``metrics`` (when a phone started it) and
-    on the request's log line (:func:`server.logs.note_generation`).
+    on the request's log line (:func:`server.logs.note_generation`). ``Outcome.cached_tokens`` (also
+    ``reused`` on the log line and ``qhx:prefix_cache_hits``) is the phone's ``Started.cached_tokens``,
+    bounded by the prompt.
     """
     gen = _Generation(params, tokenizer, stop)
     run = _BackendRun(backend, params)
@@ -138,6 +141,7 @@ class _Generation:
             "host_first_token_t_ms": None, "phone_first_token_t_ms": None, "phone_last_token_t_ms": None,
         }
         self.phone: str | None = None
+        self.cached_tokens: int | None = None  # from ``Started`` (None: no phone started it)
         self._admitted = False
         self._gaps = _TokenGaps()
         self.finished: Finished | None = None  # the phone's `done`
@@ -160,6 +164,8 @@ class _Generation:
 
     def on_started(self, ev: Started) -> None:
         self.phone = ev.phone
+        # never more than the prompt, never negative, whatever the phone says
+        self.cached_tokens = max(0, min(ev.cached_tokens, len(self.params.prompt_ids)))
         self.timings["queue_ms"] = _now_ms() - (self.timings["host_start_t_ms"] or 0.0)
 
     def on_tokens(self, ev: Tokens) -> list[str]:
@@ -208,7 +214,7 @@ class _Generation:
                 raise BackendError(f"request {self.params.request_id} was cancelled on phone {self.phone}")
             reason = self.finished.reason
         self.outcome = outcome = Outcome(reason, len(self.params.prompt_ids), count, self.matched, self.phone,
-                                         self.timings)
+                                         self.timings, self.cached_tokens or 0)
         _log_outcome(self.params.request_id, outcome)
         return outcome
 
@@ -220,25 +226,26 @@ class _Generation:
         finish reason when no outcome was reached)."""
         o = self.outcome
         _record(metrics, self.params, self.phone, o.finish_reason if o else ended,
-                o.completion_tokens if o else self._counted(), self.timings,
+                o.completion_tokens if o else self._counted(), self.cached_tokens, self.timings,
                 self._gaps.samples(self.timings["decode_ms"]))
 
 
 def _record(
     metrics: ServingMetrics | None, params: GenerationParams, phone: str | None, reason: str,
-    completion_tokens: int, timings: dict[str, float | None], gaps_s: list[float],
+    completion_tokens: int, cached_tokens: int | None, timings: dict[str, float | None], gaps_s: list[float],
 ) -> None:
     start, first, queue = timings["host_start_t_ms"] or 0.0, timings["host_first_token_t_ms"], timings["queue_ms"]
     ttft_ms = first - start if first is not None else None
     note_generation(
         id=params.request_id, model=params.model, phone=phone, prompt_tokens=len(params.prompt_ids),
-        completion_tokens=completion_tokens, finish_reason=reason, queue_ms=_ms(queue), ttft_ms=_ms(ttft_ms),
-        prefill_ms=_ms(timings["prefill_ms"]), decode_ms=_ms(timings["decode_ms"]),
+        reused=cached_tokens, completion_tokens=completion_tokens, finish_reason=reason, queue_ms=_ms(queue),
+        ttft_ms=_ms(ttft_ms), prefill_ms=_ms(timings["prefill_ms"]), decode_ms=_ms(timings["decode_ms"]),
     )
     if metrics is not None and phone is not None:  # only what a phone started (429/503 are not)
         metrics.record(
             model=params.model, phone=phone, finished_reason=reason, prompt_tokens=len(params.prompt_ids),
-            generation_tokens=completion_tokens, queue_s=queue / 1000.0 if queue is not None else None,
+            cached_tokens=cached_tokens or 0, generation_tokens=completion_tokens,
+            queue_s=queue / 1000.0 if queue is not None else None,
             ttft_s=ttft_ms / 1000.0 if ttft_ms is not None else None, e2e_s=(_now_ms() - start) / 1000.0,
             token_gaps_s=gaps_s,
         )

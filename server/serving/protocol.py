@@ -280,10 +280,19 @@ class CompletionChoice(BaseModel):
     text: str
 
 
+class PromptTokensDetails(BaseModel):
+    """Of the prompt's tokens: ``cached_tokens``, those the phone did not process again because it
+    still held them from an earlier request (docs/state-reuse.md); 0 when it processed them all."""
+
+    cached_tokens: int = 0
+
+
 class CompletionUsage(BaseModel):
     completion_tokens: int
     prompt_tokens: int
     total_tokens: int
+    # always sent, as OpenAI sends it on chat: a client reads it without checking that it is there
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class Completion(BaseModel):

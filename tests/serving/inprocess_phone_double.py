@@ -8,13 +8,15 @@ base.py) that lets engine tests script exact token sequences, timing and failure
 * ``Finished.reason`` is ``stop`` on a stop id, ``length`` at ``max_new``;
 * closing the iterator early (or cancelling the consuming task) "sends cancel" and waits a little
   for the phone's ``done`` before returning, as the real phone session does;
-* failures are raised as ``BackendError`` subclasses.
+* failures are raised as ``BackendError`` subclasses;
+* ``Started.cached_tokens`` is what ``cached_tokens`` says (a number, or a function of the request),
+  as a phone that still held part of the prompt says it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from server.backends.base import (
     Backend,
@@ -41,6 +43,7 @@ class InProcessPhoneDouble(Backend):
         admission_error: Exception | None = None,
         done_reason: str | None = None,
         skip_done: bool = False,
+        cached_tokens: int | Callable[[GenerationParams], int] = 0,
     ) -> None:
         self.ids = ids
         self.delay_s = delay_s
@@ -50,6 +53,8 @@ class InProcessPhoneDouble(Backend):
         self.admission_error = admission_error
         self.done_reason = done_reason
         self.skip_done = skip_done
+        self.cached_tokens = cached_tokens
+        self.params: list[GenerationParams] = []  # every request it was given, in order
         self.cancelled: list[str] = []  # request ids the phone was told to cancel
         self.cancel_confirmed: list[str] = []  # ... and confirmed `done` for
         self.busy_with: str | None = None
@@ -59,11 +64,13 @@ class InProcessPhoneDouble(Backend):
         if self.admission_error is not None:
             raise self.admission_error
         rid = params.request_id
+        self.params.append(params)
         self.busy_with = rid
+        cached = self.cached_tokens(params) if callable(self.cached_tokens) else self.cached_tokens
         finished = False
         mine = 0  # this request's tokens (``self.sent`` counts every request's)
         try:
-            yield Started(rid, len(params.prompt_ids), 0, "double-1")
+            yield Started(rid, len(params.prompt_ids), 0, "double-1", cached)
             reason = "length"
             for k, out in enumerate(self.ids[: params.max_new]):
                 if self.fail_after is not None and k == self.fail_after:

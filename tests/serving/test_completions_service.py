@@ -57,7 +57,7 @@ async def test_a_text_prompt_runs_on_the_phone_and_the_body_has_openai_shape(
                                 "text": " Paris, a city on the Seine."}]
     n_prompt = len(qwen_tokenizer.encode(PROMPT))
     assert body["usage"] == {"completion_tokens": len(ids), "prompt_tokens": n_prompt,
-                             "total_tokens": n_prompt + len(ids)}
+                             "total_tokens": n_prompt + len(ids), "prompt_tokens_details": {"cached_tokens": 0}}
     assert "timings" not in body
 
 

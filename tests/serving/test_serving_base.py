@@ -39,8 +39,8 @@ FAMILIES = {
 }
 
 
-def outcome(prompt: int, completion: int, phone: str = "p1") -> Outcome:
-    return Outcome("length", prompt, completion, None, phone, {"queue_ms": 1.0, "decode_ms": 2.0})
+def outcome(prompt: int, completion: int, phone: str = "p1", cached: int = 0) -> Outcome:
+    return Outcome("length", prompt, completion, None, phone, {"queue_ms": 1.0, "decode_ms": 2.0}, cached)
 
 
 def prepared(request: GenerationRequest) -> Prepared[Any, Any]:
@@ -59,9 +59,10 @@ async def run(service: OpenAIServing[Any, Any], request_type: type[GenerationReq
 
 
 def test_usage_counts_the_prompt_once_and_every_choice_s_completion() -> None:
-    assert usage([outcome(7, 3), outcome(7, 5)]).model_dump() == {
-        "completion_tokens": 8, "prompt_tokens": 7, "total_tokens": 15}
-    assert usage([]).model_dump() == {"completion_tokens": 0, "prompt_tokens": 0, "total_tokens": 0}
+    assert usage([outcome(7, 3, cached=5), outcome(7, 5, cached=2)]).model_dump() == {
+        "completion_tokens": 8, "prompt_tokens": 7, "total_tokens": 15, "prompt_tokens_details": {"cached_tokens": 2}}
+    assert usage([]).model_dump() == {"completion_tokens": 0, "prompt_tokens": 0, "total_tokens": 0,
+                                      "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_timings_are_one_timeline_per_choice_and_only_when_asked() -> None:
@@ -128,7 +129,7 @@ async def test_usage_and_timings_appear_where_asked_in_every_family(
 
     n_prompt = whole["usage"]["prompt_tokens"]
     assert whole["usage"] == {"completion_tokens": 2 * len(reply), "prompt_tokens": n_prompt,
-                              "total_tokens": n_prompt + 2 * len(reply)}
+                              "total_tokens": n_prompt + 2 * len(reply), "prompt_tokens_details": {"cached_tokens": 0}}
     assert ("timings" in whole) is return_timings
     if return_timings:
         assert [t["phone"] for t in whole["timings"]["choices"]] == ["double-1", "double-1"]
@@ -143,6 +144,44 @@ async def test_usage_and_timings_appear_where_asked_in_every_family(
         assert ("timings" in chunk) is (return_timings and chunk in finishes)
     for finish in finishes if return_timings else []:
         assert finish["timings"]["phone"] == "double-1" and finish["timings"]["decode_ms"] == 2.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n", [1, 2])
+async def test_cached_tokens_reach_usage_streamed_or_not_the_fewest_over_choices(
+    family: str, n: int, served: ServedModel, registry: ModelRegistry, qwen_tokenizer: HostTokenizer,
+) -> None:
+    service_type, request_type, body = FAMILIES[family]
+    # choice 1 of two finds less of the prompt on its phone than choice 0 (or the only choice)
+    served.reset(InProcessPhoneDouble(qwen_tokenizer.encode(" Paris."),
+                                      cached_tokens=lambda p: 2 if p.request_id.endswith("-1") else 4))
+    body = {"model": MODEL, "n": n, "temperature": 0.0, "max_tokens": 10, **body}
+    whole, chunks = await run(service_type(served, registry), request_type, body, include_usage=True)
+    expected = {"cached_tokens": 4 if n == 1 else 2}
+    assert whole["usage"]["prompt_tokens_details"] == expected
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens_details"] == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_cached_tokens_are_never_more_than_the_prompt_nor_negative(
+    family: str, served: ServedModel, registry: ModelRegistry,
+) -> None:
+    service_type, request_type, body = FAMILIES[family]
+    for said in (10**6, -3):
+        served.reset(InProcessPhoneDouble([9707], cached_tokens=said))
+        whole, _ = await run(service_type(served, registry), request_type, {"model": MODEL, "max_tokens": 1, **body})
+        expected = whole["usage"]["prompt_tokens"] if said > 0 else 0
+        assert whole["usage"]["prompt_tokens_details"]["cached_tokens"] == expected, said
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_with_no_phone_needed_nothing_is_cached(family: str, served: ServedModel, registry: ModelRegistry) -> None:
+    service_type, request_type, body = FAMILIES[family]
+    served.reset(InProcessPhoneDouble([9707], cached_tokens=3))
+    whole, chunks = await run(service_type(served, registry), request_type, {"model": MODEL, "max_tokens": 0, **body},
+                              include_usage=True)
+    assert whole["usage"]["prompt_tokens_details"] == chunks[-1]["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 0}
 
 
 # -- a family of its differences only ---------------------------------------------------------------

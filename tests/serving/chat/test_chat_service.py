@@ -141,7 +141,7 @@ async def test_the_reply_is_the_message_and_usage_counts_the_prompt_once(
     ]
     n_prompt, n_reply = len((await service.render(request())).ids), len(qwen_tokenizer.encode("It is sunny."))
     assert body["usage"] == {"completion_tokens": 2 * n_reply, "prompt_tokens": n_prompt,
-                             "total_tokens": n_prompt + 2 * n_reply}
+                             "total_tokens": n_prompt + 2 * n_reply, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def test_thinking_goes_to_reasoning_content(
