@@ -57,16 +57,30 @@ def current_request_id() -> str | None:
 def note_generation(**fields: Any) -> None:
     """Record one generation's fields on the current request (no-op outside a request).
 
-    A request with several generations keeps the first one's fields, sums ``completion_tokens``
-    and counts them in ``generations``."""
+    A request with several generations keeps the first one's fields, sums ``completion_tokens``,
+    keeps the fewest ``reused`` (as ``usage`` counts cached tokens) and counts them in
+    ``generations``. Fields noted before the first generation (:func:`note_request`) come after its
+    fields."""
     current = _request_fields.get()
     if current is None:
         return
-    if not current:
-        current.update(fields)
+    if "id" not in current:  # the first generation (every one notes its id)
+        noted = dict(current)
+        current.clear()
+        current.update(fields, **noted)
         return
     current["generations"] = current.get("generations", 1) + 1
     current["completion_tokens"] = (current.get("completion_tokens") or 0) + (fields.get("completion_tokens") or 0)
+    reused = [r for r in (current.get("reused"), fields.get("reused")) if r is not None]
+    current["reused"] = min(reused) if reused else None
+
+
+def note_request(**fields: Any) -> None:
+    """Record fields of the request itself (not of one generation) on the current request, for its
+    access line: e.g. ``dropped``, the messages a chat dropped to fit the context."""
+    current = _request_fields.get()
+    if current is not None:
+        current.update(fields)
 
 
 class RequestIdFilter(logging.Filter):

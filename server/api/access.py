@@ -6,10 +6,13 @@ on every log line written while the request runs (:func:`server.logs.request_con
 response is over, one line on the ``server.api.access`` logger sums the request up::
 
     POST /v1/completions 200 532 ms id=cmpl-... model=qwen3.5-0.8b phone=R5CW... prompt_tokens=12
-    completion_tokens=16 finish_reason=length queue_ms=0.4 ttft_ms=61.2 prefill_ms=55.0 decode_ms=410.3
+    reused=0 completion_tokens=16 finish_reason=length queue_ms=0.4 ttft_ms=61.2 prefill_ms=55.0
+    decode_ms=410.3
 
-(model onwards only when the request generated; the serving layer fills them in). In JSON the same
-values are fields of the object. Probes and scrapes (/health, /ready, /metrics) are logged at debug
+(model onwards only when the request generated; the serving layer fills them in: ``reused`` is the
+prompt tokens the phone did not process again, as ``usage.prompt_tokens_details.cached_tokens``, and
+a chat that dropped its oldest turns to fit the context adds ``dropped=N``, the messages dropped).
+In JSON the same values are fields of the object. Probes and scrapes (/health, /ready, /metrics) are logged at debug
 level, so that they do not drown the rest (but a 401 there at info).
 """
 

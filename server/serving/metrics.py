@@ -10,6 +10,9 @@ serial that ran it)::
     qhx:request_queue_time_seconds       histogram  request arrival (driver) -> the phone started it
     qhx:prompt_tokens_total              counter
     qhx:generation_tokens_total          counter
+    qhx:prefix_cache_queries_total       counter    prompt tokens of the requests phones started
+    qhx:prefix_cache_hits_total          counter    of those, the ones the phone did not process again
+                                                    (it still held them: docs/state-reuse.md)
     qhx:request_success_total            counter    + finished_reason: stop | length | abort | error
     qhx:num_requests_running             gauge      per phone, read from the backend at scrape time
     qhx:num_requests_waiting             gauge      per model (no phone), read from the pool
@@ -55,12 +58,18 @@ class ServingMetrics:
                                buckets=LATENCY_BUCKETS, registry=registry)
         self.prompt_tokens = Counter("qhx:prompt_tokens", "Prompt tokens processed.", LABELS, registry=registry)
         self.generation_tokens = Counter("qhx:generation_tokens", "Tokens generated.", LABELS, registry=registry)
+        # vLLM's prefix cache counters, in tokens: hits / queries is the share of prompt tokens reused
+        self.prefix_queries = Counter("qhx:prefix_cache_queries", "Prefix cache queries, in prompt tokens.", LABELS,
+                                      registry=registry)
+        self.prefix_hits = Counter("qhx:prefix_cache_hits", "Prefix cache hits, in prompt tokens not processed again.",
+                                   LABELS, registry=registry)
         self.success = Counter("qhx:request_success", "Requests finished, by reason.",
                                (*LABELS, "finished_reason"), registry=registry)
 
     def record(
         self, *, model: str, phone: str, finished_reason: str, prompt_tokens: int, generation_tokens: int,
         queue_s: float | None, ttft_s: float | None, e2e_s: float, token_gaps_s: Sequence[float],
+        cached_tokens: int = 0,
     ) -> None:
         """One generation a phone started, whichever way it ended."""
         labels = (model, phone)
@@ -74,6 +83,8 @@ class ServingMetrics:
         self.e2e.labels(*labels).observe(e2e_s)
         self.prompt_tokens.labels(*labels).inc(prompt_tokens)
         self.generation_tokens.labels(*labels).inc(generation_tokens)
+        self.prefix_queries.labels(*labels).inc(prompt_tokens)
+        self.prefix_hits.labels(*labels).inc(cached_tokens)
         self.success.labels(*labels, finished_reason).inc()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.logs import configure_logging, make_handler, request_context
+from server.logs import configure_logging, make_handler, note_generation, note_request, request_context
 from server.settings import Settings
 from tests.api.live_server import LiveServer
 
@@ -144,3 +144,15 @@ def test_configure_logging_json_and_text() -> None:
                 root.removeHandler(h)
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_several_generations_sum_completions_and_keep_the_fewest_reused_and_request_fields_come_last() -> None:
+    with request_context("req-n") as fields:
+        note_request(dropped=4)
+        note_generation(id="chatcmpl-1-0", prompt_tokens=30, reused=20, completion_tokens=5)
+        note_generation(id="chatcmpl-1-1", prompt_tokens=30, reused=12, completion_tokens=7)
+        note_generation(id="chatcmpl-1-2", prompt_tokens=30, reused=None, completion_tokens=0)  # never started
+    assert fields == {"id": "chatcmpl-1-0", "prompt_tokens": 30, "reused": 12, "completion_tokens": 12,
+                      "dropped": 4, "generations": 3}
+    assert list(fields)[:4] == ["id", "prompt_tokens", "reused", "completion_tokens"]
+    note_request(dropped=1)  # outside a request: nothing to note, no error

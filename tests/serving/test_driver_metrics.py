@@ -71,6 +71,17 @@ async def test_length_counts_tokens_and_one_gap_per_token(qwen_tokenizer: HostTo
     assert isinstance(f["ttft_ms"], float) and isinstance(f["queue_ms"], float)
 
 
+async def test_prompt_tokens_reused_are_prefix_cache_hits_and_the_log_s_reused(qwen_tokenizer: HostTokenizer) -> None:
+    rec = Recorded()
+    await run(InProcessPhoneDouble([9707, 9707], cached_tokens=2), qwen_tokenizer, rec)
+    assert rec.sample("qhx:prefix_cache_queries_total") == 3  # the whole prompt, as vLLM counts queries
+    assert rec.sample("qhx:prefix_cache_hits_total") == 2
+    assert rec.fields["reused"] == 2
+    await run(InProcessPhoneDouble([9707]), qwen_tokenizer, rec)  # a phone that held nothing of it
+    assert rec.sample("qhx:prefix_cache_queries_total") == 6 and rec.sample("qhx:prefix_cache_hits_total") == 2
+    assert rec.fields["reused"] == 0
+
+
 async def test_stop_string_is_stop(qwen_tokenizer: HostTokenizer) -> None:
     ids = qwen_tokenizer.encode("one two\n\nthree four five")
     rec = Recorded()
@@ -128,6 +139,7 @@ async def test_refused_before_a_phone_started_is_not_counted(qwen_tokenizer: Hos
         await run(InProcessPhoneDouble([], admission_error=Overloaded("full")), qwen_tokenizer, rec)
     assert not [s for m in rec.registry.collect() for s in m.samples]  # no series at all
     assert rec.fields["model"] == "m" and rec.fields["phone"] is None  # the log line still names the model
+    assert rec.fields["reused"] is None  # no phone said what it held
 
 
 async def test_without_a_request_context_nothing_is_noted(qwen_tokenizer: HostTokenizer) -> None:
