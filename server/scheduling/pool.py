@@ -87,6 +87,9 @@ _SERVING = frozenset({PhoneState.READY, PhoneState.BUSY})
 MAX_REGRANTS = 3  # a request whose granted phone vanished goes back to the queue this often at most
 RETRY_AFTER_MAX_S = 60.0
 SERVICE_EWMA = 0.2  # weight of the newest request duration in the Retry-After and routing estimates
+# a request that has held its phone past (1 - this) of the average is taken to need this much of an
+# average more: how long it still runs is unknown, not 0 (else waiting for it would look free)
+REMAINING_FLOOR = 0.5
 RECHECK_SLACK_S = 0.001  # a deadline's recheck runs this late, so that a timer firing early finds it passed
 
 
@@ -265,7 +268,7 @@ class PhonePool(Backend):
                 wait = None
             else:
                 held = 0.0 if named else now - self._leased_at.get(key, now)
-                wait = max(0.0, service - held) + ahead * service
+                wait = max(service - held, REMAINING_FLOOR * service) + ahead * service
         prompt = len(request.prompt_ids)
         reusable = min(max(phone.reusable(request.prompt_ids), 0), prompt) if prompt else 0
         own = phone.prefill_ms_per_token

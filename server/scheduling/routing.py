@@ -60,7 +60,7 @@ class PhoneView:
     reusable: int = 0  # prompt tokens of this request it would not process again (live state, checkpoint)
     # expected seconds until it could start this request: 0 when free; for a phone leased to another
     # request, the rest of that request (the pool's average request time minus the time it has held
-    # the phone, at least 0) plus one average request per waiter ahead of this one that waits for it;
+    # the phone, at least half an average) plus one average request per waiter ahead that waits for it;
     # None when the pool cannot tell (no request of the model finished yet, a phone busy outside a lease)
     wait_s: float | None = 0.0
     prefill_ms_per_token: float | None = None  # its measured cost of one prompt token; None: not measured

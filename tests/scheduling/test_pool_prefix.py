@@ -91,6 +91,24 @@ async def test_the_wait_for_a_busy_phone_ends_at_the_bound_without_any_phone_eve
     assert pool.audit() == [] and pool.leased() == pool.queue_depth() == 0
 
 
+async def test_a_phone_busy_past_the_average_request_is_not_taken_to_be_free_at_once() -> None:
+    """How long an overrunning request still runs is unknown, not 0: on fast phones (a prompt token
+    costs 1 us, the whole prompt 0.1 ms) nothing is worth waiting for on a phone busy past the average
+    (before: taken to be free any moment, so the request waited beside a free phone for a 0.09 ms gain)."""
+    pool, phones = prefix_pool(2, service_s=0.05)
+    for p in phones.values():
+        p.prefill_ms_per_token = 0.001
+    held = await hold_on_p0(pool, phones)
+    await asyncio.sleep(0.1)  # h has held p0 longer than the average request
+    r = asyncio.ensure_future(run(pool, "r", prompt_ids=PROMPT))
+    await asyncio.sleep(0)  # r joins the queue: granted p1 at once (and run there), or waiting for p0
+    assert pool.queue_depth("m") == 0 and phones["p1"].served == ["r"]
+    await asyncio.wait_for(r, 2.0)
+    phones["p0"].hold = False
+    phones["p0"].release()
+    await held
+
+
 async def test_the_audit_reports_a_deliberate_wait_that_nothing_will_end() -> None:
     """The audit allows a wait beside a free phone only while the pool will ask again by its deadline."""
     pool, phones = prefix_pool(2)

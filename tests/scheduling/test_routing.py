@@ -328,7 +328,8 @@ class MiniPool:
         return [
             PhoneView(k, READY if since is None else BUSY, since is not None, self.idle_since[k],
                       self.reusable[request.request_id][k],
-                      0.0 if since is None else max(0.0, SERVICE_S - (now - since)) + ahead[k] * SERVICE_S, MS)
+                      0.0 if since is None else max(SERVICE_S - (now - since), SERVICE_S / 2) + ahead[k] * SERVICE_S,
+                      MS)
             for k, since in self.busy_since.items()
         ]
 
