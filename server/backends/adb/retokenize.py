@@ -15,9 +15,11 @@ more text or the end, and so emits exactly ``encode(all the text)``, one piece a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
+
+from server.bytelevel import byte_decoder
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -31,6 +33,30 @@ def load_tokenizer(path: str) -> Tokenizer:
 def decode(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
     """The text of ``ids``, special tokens written out (as the CLI reads them in a prompt)."""
     return tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def token_bytes(tokenizer: Tokenizer) -> Callable[[int], bytes] | None:
+    """A function from a token id to its raw bytes (special tokens as their text), memoized; None
+    for a tokenizer that is not byte-level (its tokens have no exact bytes). State reuse compares
+    texts with it (reuse.py), exactly, where decoding would be lossy on split UTF-8 sequences."""
+    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+        return None
+    specials = {i: t.content.encode("utf-8") for i, t in tokenizer.get_added_tokens_decoder().items()}
+    table = byte_decoder()
+    memo: dict[int, bytes] = {}
+
+    def of(token: int) -> bytes:
+        got = memo.get(token)
+        if got is None:
+            if token in specials:
+                got = specials[token]
+            else:
+                piece = tokenizer.id_to_token(token)
+                got = b"" if piece is None else bytes(table[c] for c in piece if c in table)
+            memo[token] = got
+        return got
+
+    return of
 
 
 class Retokenizer:
