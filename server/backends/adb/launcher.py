@@ -16,7 +16,8 @@ from tokenizers import Tokenizer
 from server.backends.adb.discovery import Bundle, PhoneFacts
 from server.backends.adb.oneshot import OneShot
 from server.backends.adb.quoting import render_launch
-from server.backends.adb.retokenize import load_tokenizer
+from server.backends.adb.retokenize import shared_tokenizer
+from server.backends.adb.reuse import TokenBytes
 from server.backends.adb.runtime import Runtime
 from server.backends.adb.session import Session, SessionUnsupported
 from server.backends.adb.transport import AdbServerClient
@@ -37,7 +38,6 @@ class Launcher:
         self._name = name  # how logs name the phone
         self._oneshot = settings.device_mode == "oneshot"
         self._fallback_logged = False
-        self._tokenizer: tuple[str, Tokenizer] | None = None  # (host path, the one-shot runtime's tokenizer)
 
     def command(self, bundle: Bundle, prompt: str, max_new: int) -> str:
         """The phone shell command that runs ``bundle`` (``settings.launch_command``, values quoted)."""
@@ -67,7 +67,13 @@ class Launcher:
 
     async def _start_session(self, bundle: Bundle, facts: PhoneFacts) -> Runtime:
         command = self.command(bundle, "-", self._settings.session_max_new)
-        session = await Session.start(self._client, self.serial, command, self._settings)
+        if self._settings.state_reuse == "on":  # the tokenizer loads while the phone loads its model
+            text, session = await asyncio.gather(
+                self._token_text(facts.model), Session.start(self._client, self.serial, command, self._settings)
+            )
+            session.use_token_text(text)
+        else:
+            session = await Session.start(self._client, self.serial, command, self._settings)
         self._check_ready(session.ready, facts)
         return session
 
@@ -79,15 +85,26 @@ class Launcher:
         return OneShot(self._client, self.serial, self._settings, command, await self._load_tokenizer(facts.model))
 
     async def _load_tokenizer(self, model: ModelInfo) -> Tokenizer:
-        """The bundle's tokenizer for one-shot mode: loaded once per phone (again only if the bundle's
-        changes), in a worker thread."""
+        """The bundle's tokenizer (one per process and bundle, shared by its phones), in a worker thread."""
+        return (await self._load(model))[0]
+
+    async def _token_text(self, model: ModelInfo | None) -> TokenBytes | None:
+        """The bundle's token -> bytes, with which a session tells a text-identical state
+        (server/backends/adb/reuse.py); None (id-prefix reuse only) when the tokenizer cannot load."""
+        if model is None:
+            return None
+        try:
+            return (await self._load(model))[1]
+        except BackendError as e:
+            logger.warning("%s: %s; state reuse matches token ids only", self._name, e)
+            return None
+
+    async def _load(self, model: ModelInfo) -> tuple[Tokenizer, TokenBytes | None]:
         path = model.tokenizer_path
-        if self._tokenizer is None or self._tokenizer[0] != path:
-            try:
-                self._tokenizer = path, await asyncio.to_thread(load_tokenizer, path)
-            except Exception as e:  # tokenizers raises a bare Exception for a missing or broken file
-                raise BackendError(f"{self.serial}: cannot load the bundle's tokenizer {path}: {e}") from e
-        return self._tokenizer[1]
+        try:
+            return await asyncio.to_thread(shared_tokenizer, path)
+        except Exception as e:  # tokenizers raises a bare Exception for a missing or broken file
+            raise BackendError(f"{self.serial}: cannot load the bundle's tokenizer {path}: {e}") from e
 
     def _fall_back(self, why: SessionUnsupported) -> None:
         if self._settings.device_mode != "auto":

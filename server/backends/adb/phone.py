@@ -40,6 +40,7 @@ from adbutils.errors import AdbError
 
 from server.backends.adb.discovery import PhoneFacts, discover
 from server.backends.adb.launcher import Launcher
+from server.backends.adb.reuse import Holding
 from server.backends.adb.runtime import Runtime
 from server.backends.adb.transport import AdbServerClient
 from server.backends.base import (
@@ -50,6 +51,7 @@ from server.backends.base import (
     ModelInfo,
     PhoneHealth,
     PhoneState,
+    Started,
     Tokens,
 )
 from server.errors import (
@@ -67,6 +69,8 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 STABLE_SESSION_S = 60.0  # a runtime that lived this long resets the restart backoff
+PREFILL_SAMPLE_MIN = 4  # prompt tokens a request must process to measure their cost (prefill_ms_per_token)
+PREFILL_EMA = 0.3  # weight of the newest measurement in that average
 # request errors that are the phone's fault (a rejected request, PhoneRequestError, is not)
 PHONE_FAULTS = (PhoneLost, PhoneStalled, ProtocolViolation)
 
@@ -103,6 +107,8 @@ class Phone(Backend):
         self._ready_since: float | None = None
         self._failures = 0  # in a row; see the module docstring (health)
         self._quarantine_until: float | None = None  # time.monotonic()
+        self._cached = 0  # Started.cached_tokens of the request in flight
+        self._prefill_ms_per_token: float | None = None
 
     def __repr__(self) -> str:
         return f"<Phone {self.key} {self.state.value} {self.mode or '-'}>"
@@ -290,10 +296,17 @@ class Phone(Backend):
     def _account(self, ev: Event) -> None:
         if isinstance(ev, Tokens):
             self._tokens_served += len(ev.ids)
+        elif isinstance(ev, Started):
+            self._cached = ev.cached_tokens
         elif isinstance(ev, Finished):
             self._failures = 0
             if ev.decode_ms > 0 and ev.completion_tokens > 0:
                 self._last_tps = ev.completion_tokens / (ev.decode_ms / 1000)
+            processed = ev.prompt_tokens - self._cached
+            if self.mode == "session" and ev.reason != "cancelled" and processed >= PREFILL_SAMPLE_MIN:
+                sample = ev.prefill_ms / processed
+                last = self._prefill_ms_per_token
+                self._prefill_ms_per_token = sample if last is None else last + PREFILL_EMA * (sample - last)
 
     def _count_failure(self, e: BackendError, runtime: Runtime) -> bool:
         """Note a failed request; whether it counts as a failure here: a phone fault its runtime
@@ -329,13 +342,20 @@ class Phone(Backend):
 
     def reusable(self, prompt_ids: Sequence[int]) -> int:
         """Prompt tokens this phone would not process again if asked to run ``prompt_ids`` now (what
-        routing weighs; 0 when it holds nothing of it, runs one-shot, or state reuse is off)."""
-        return 0
+        routing weighs; 0 when it holds nothing of it, runs one-shot, or state reuse is off). While it
+        is busy: what it holds that the running request does not change (its live state and the slots
+        it saves to are known again when that request ends)."""
+        runtime = self._runtime
+        if runtime is None or self.state not in (PhoneState.READY, PhoneState.BUSY):
+            return 0
+        return runtime.reusable(prompt_ids)
 
     @property
     def prefill_ms_per_token(self) -> float | None:
-        """Its measured cost of one processed prompt token, in ms (None until measured)."""
-        return None
+        """Its measured cost of one processed prompt token, in ms: ``Finished.prefill_ms`` over the
+        tokens processed (the prompt less ``Started.cached_tokens``), a moving average over session
+        requests that processed at least ``PREFILL_SAMPLE_MIN`` tokens; None until measured."""
+        return self._prefill_ms_per_token
 
     async def cancel(self, request_id: str) -> None:
         if self._request_id == request_id and self._runtime is not None:
@@ -353,6 +373,8 @@ class Phone(Backend):
     def health(self) -> list[PhoneHealth]:
         facts = self.facts
         until = self._quarantine_until
+        runtime = self._runtime
+        held = runtime.holding() if runtime is not None else Holding()
         return [
             PhoneHealth(
                 serial=self.serial,
@@ -372,6 +394,9 @@ class Phone(Backend):
                 simulated=facts.simulated if facts else False,
                 failures=self._failures,
                 retry_in_s=max(0.0, until - time.monotonic()) if until is not None else None,
+                state_tokens=held.state_tokens,
+                checkpoint_slots=held.slots,
+                checkpoints_used=held.used,
             )
         ]
 

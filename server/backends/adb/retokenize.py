@@ -15,6 +15,7 @@ more text or the end, and so emits exactly ``encode(all the text)``, one piece a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 from tokenizers import Tokenizer, decoders
@@ -28,6 +29,22 @@ def load_tokenizer(path: str) -> Tokenizer:
     tokenizer = Tokenizer.from_file(path)
     tokenizer.normalizer = None
     return tokenizer
+
+
+_shared: dict[str, tuple[Tokenizer, Callable[[int], bytes] | None]] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_tokenizer(path: str) -> tuple[Tokenizer, Callable[[int], bytes] | None]:
+    """:func:`load_tokenizer` of ``path`` and its :func:`token_bytes`, loaded once per process and
+    shared by every phone serving that bundle (a Qwen3.5 tokenizer is ~100 MB and seconds to load).
+    Blocking: call it in a worker thread."""
+    with _shared_lock:
+        got = _shared.get(path)
+        if got is None:
+            tokenizer = load_tokenizer(path)
+            got = _shared[path] = tokenizer, token_bytes(tokenizer)
+        return got
 
 
 def decode(tokenizer: Tokenizer, ids: Sequence[int]) -> str:

@@ -24,15 +24,19 @@ The rules every runtime keeps (tests/backends/adb/test_runtime_seam.py runs the 
   request) leaves counting it to the phone.
 * ``close()`` stops it gracefully (bounded), ``abort(reason)`` at once; a request in flight then
   fails with PhoneLost.
+* ``params.prompt_ids`` is the whole prompt; what a runtime still holds of it from earlier requests
+  (state reuse: ``reusable``, ``holding``) is its own business. A session reuses its process's state;
+  one-shot processes hold nothing (``Started.cached_tokens`` 0).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import ClassVar, Literal
 
+from server.backends.adb.reuse import Holding
 from server.backends.base import Event, GenerationParams
 
 RuntimeKind = Literal["session", "oneshot"]
@@ -79,3 +83,12 @@ class Runtime(abc.ABC):
     async def ping(self, timeout: float = 5.0) -> float | None:
         """Round trip to the running process in seconds; None when there is no process to ask."""
         return None
+
+    def reusable(self, prompt_ids: Sequence[int]) -> int:
+        """Prompt tokens a request for ``prompt_ids`` would not process again if it ran now (state
+        reuse, reuse.py); 0 for a runtime that keeps no state between requests."""
+        return 0
+
+    def holding(self) -> Holding:
+        """What the process holds (its live state, checkpoint slots), for the phone's health."""
+        return Holding()

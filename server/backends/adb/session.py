@@ -14,6 +14,17 @@ Failure handling, in one place:
   * ``error`` with our id            -> PhoneRequestError / PhoneBusy / ContextLengthExceeded; session lives
   * consumer leaves early            -> ``cancel`` sent, wait (bounded) for ``done``; if it never
                                         comes, the session is aborted
+
+State reuse (docs/state-reuse.md): the session keeps a :class:`~server.backends.adb.reuse.Tracker` of
+what its process holds (the live state's ids, each checkpoint slot's; ``ready.checkpoints`` slots, none
+for a v1 runtime) and sends each request from the start point it plans: ``reset: false`` or
+``restore`` with only the rest of the prompt, ``save`` at the request's boundaries. What the caller
+sees is the whole prompt (``Started.prompt_tokens``) and what was not processed again
+(``Started.cached_tokens``). The phone's ``start.state_tokens`` must be what the tracker expects; on a
+mismatch (or a reuse the phone refuses: ``bad_request``, ``context_overflow``) the session logs it,
+treats the phone as holding nothing, stops that attempt and runs the request again from a reset
+before any token reached the caller, so the reply is what it would have been without reuse. A
+process that ends (restart) takes its tracker with it: a new session holds nothing.
 """
 
 from __future__ import annotations
@@ -23,10 +34,11 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.backends.adb.reuse import RESET, Holding, Plan, TokenBytes, Tracker
 from server.backends.adb.runtime import Runtime
 from server.backends.adb.transport import (
     STDERR,
@@ -53,6 +65,7 @@ stderr_log = logging.getLogger("server.backends.adb.stderr")
 
 PROTO = 1
 FINISH_REASONS = ("stop", "length", "cancelled")
+RERUN_CODES = ("bad_request", "context_overflow")  # refusals of a reuse plan that a reset may not get
 
 
 class SessionUnsupported(Exception):
@@ -62,6 +75,19 @@ class SessionUnsupported(Exception):
 @dataclass(eq=False)
 class _Closed:
     reason: str
+
+
+class _Rerun(Exception):
+    """The phone does not hold what the tracker thought (or refused the plan): run the request again
+    from a reset. ``running``: the phone is still on the first attempt (it must be cancelled first)."""
+
+    def __init__(self, why: str, *, running: bool) -> None:
+        super().__init__(why)
+        self.why = why
+        self.running = running
+
+
+RESET_PLAN = Plan(RESET, [])
 
 
 @dataclass(eq=False)
@@ -75,14 +101,20 @@ class _Request:
     over: bool = False  # the request ended (done, an error event, or given up after a cancel)
     completion: int = 0
     cancel_deadline: float | None = None
+    plan: Plan = RESET_PLAN
+    generated: list[int] = field(default_factory=list)  # ids sent as `tok` (the live state's tail)
+    cancel_wanted: bool = False  # the consumer asked for a cancel (kept across a rerun)
+    rerun: bool = False  # this is the request's second attempt, from a reset
 
 
-def request_message(params: GenerationParams) -> dict[str, Any]:
-    """The ``generate`` op for params (device-protocol.md, host -> phone)."""
-    return {
+def request_message(params: GenerationParams, plan: Plan | None = None) -> dict[str, Any]:
+    """The ``generate`` op for params (device-protocol.md, host -> phone), sent from ``plan``'s start
+    point (default: the whole prompt as ``params`` says): only the ids after it, ``restore`` and
+    ``save`` when the plan has them (v1.1; never for a runtime without checkpoints)."""
+    msg: dict[str, Any] = {
         "op": "generate",
         "id": params.request_id,
-        "prompt_ids": params.prompt_ids,
+        "prompt_ids": params.prompt_ids if plan is None else plan.send,
         "max_new": params.max_new,
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -90,8 +122,13 @@ def request_message(params: GenerationParams) -> dict[str, Any]:
         "repetition_penalty": params.repetition_penalty,
         "seed": params.seed,
         "stop_ids": params.stop_ids,
-        "reset": params.reset,
+        "reset": params.reset if plan is None else plan.start.reset,
     }
+    if plan is not None and plan.start.restore is not None:
+        msg["restore"] = plan.start.restore
+    if plan is not None and plan.saves:
+        msg["save"] = [{"slot": save.slot, "at": save.at} for save in plan.saves]
+    return msg
 
 
 def request_error(ev: dict[str, Any], serial: str) -> BackendError | ContextLengthExceeded:
@@ -131,6 +168,7 @@ class Session(Runtime):
         self._pings: dict[str, asyncio.Future[float]] = {}
         self._ping_seq = 0
         self._reader: asyncio.Task[None] | None = None
+        self.tracker = Tracker(0, enabled=settings.state_reuse == "on")  # what the process holds
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,14 +196,28 @@ class Session(Runtime):
             # the caller reports why (and a fallback to one-shot is no warning matter)
             self.abort(f"session start failed: {e!r}", quiet=True)
             raise
+        slots = self.ready.get("checkpoints")
+        slots = slots if type(slots) is int and slots > 0 else 0  # absent or 0: a v1 runtime
+        self.tracker = Tracker(slots, enabled=settings.state_reuse == "on")
         logger.info(
-            "%s: session ready (model %s, %s, load %s ms)",
+            "%s: session ready (model %s, %s, load %s ms, %d checkpoint slots)",
             serial,
             self.ready.get("model"),
             self.ready.get("precision"),
             self.ready.get("load_ms"),
+            slots,
         )
         return self
+
+    def use_token_text(self, text: TokenBytes | None) -> None:
+        """The bundle's token -> bytes, for text-identical state reuse (None: id-prefix reuse only)."""
+        self.tracker.text = text
+
+    def reusable(self, prompt_ids: Sequence[int]) -> int:
+        return self.tracker.reusable(prompt_ids) if self.alive else 0
+
+    def holding(self) -> Holding:
+        return self.tracker.holding() if self.alive else Holding()
 
     @property
     def alive(self) -> bool:
@@ -378,6 +430,8 @@ class Session(Runtime):
     async def cancel(self, request_id: str) -> None:
         """Ask the phone to stop this request; its ``done`` (reason cancelled) ends the generator."""
         req = self._request
+        if req is not None and req.id == request_id:
+            req.cancel_wanted = True  # (a rerun in progress sends it once the second attempt is out)
         if req is None or req.id != request_id or req.cancel_deadline is not None or not self.alive:
             return
         req.cancel_deadline = self._loop.time() + self._settings.cancel_timeout_s
@@ -408,10 +462,13 @@ class Session(Runtime):
         """Run one request on this session; see the module docstring for the failure rules."""
         req = self._begin(params)
         try:
-            self._send(request_message(params))
-            await self._stream.drain()
+            await self._launch(req, params, self._plan(params))
             while not req.over:
-                event = self._event(req, params, await self._next(req, req.timeout))
+                try:
+                    event = self._event(req, params, await self._next(req, req.timeout))
+                except _Rerun as again:
+                    await self._rerun(req, params, again)
+                    continue
                 if event is not None:
                     yield event
         except PhoneStalled:
@@ -432,6 +489,56 @@ class Session(Runtime):
         self._request = req
         return req
 
+    def _plan(self, params: GenerationParams) -> Plan:
+        """Where the request starts (reuse.py); ``params.reset`` false: a raw continuation as asked."""
+        if not params.reset:
+            return self.tracker.raw(params.prompt_ids)
+        max_context = self.ready.get("max_context")
+        max_state = max_context - params.max_new if type(max_context) is int else None
+        plan = self.tracker.plan(params.prompt_ids, params.boundaries, max_state=max_state)
+        logger.debug("%s: request %s: %s, %d of %d prompt tokens held, %d sent, saves %s", self.serial,
+                     params.request_id, plan.start.kind, plan.cached, len(params.prompt_ids), len(plan.send),
+                     [(save.slot, save.at) for save in plan.saves])
+        return plan
+
+    async def _launch(self, req: _Request, params: GenerationParams, plan: Plan) -> None:
+        """Send the request from ``plan``'s start point; the tracker holds it in flux until it ends."""
+        req.plan = plan
+        self.tracker.begin(plan)
+        self._send(request_message(params, plan))
+        await self._stream.drain()
+
+    async def _rerun(self, req: _Request, params: GenerationParams, again: _Rerun) -> None:
+        """The phone does not hold what the tracker thought: forget everything it holds, end the first
+        attempt (bounded, as a cancel) and run the request again from a reset, saving nothing. No token
+        has reached the caller: the reply is the one a reset gives."""
+        logger.warning("%s: request %s: %s; the phone is treated as holding nothing and the request runs "
+                       "again from a reset", self.serial, req.id, again.why)
+        self.tracker.forget()
+        if again.running:
+            await self._end_attempt(req)
+        req.started, req.completion, req.generated, req.rerun = False, 0, [], True
+        req.timeout = self._settings.stall_timeout_s
+        req.last_at = self._loop.time()
+        await self._launch(req, params, Plan(RESET, list(params.prompt_ids)))
+        if req.cancel_wanted:  # the consumer asked meanwhile
+            req.cancel_deadline = self._loop.time() + self._settings.cancel_timeout_s
+            self._send({"op": "cancel", "id": req.id})
+
+    async def _end_attempt(self, req: _Request) -> None:
+        """Cancel the attempt the phone is running and wait (bounded) for its ``done`` or ``error``."""
+        req.cancel_deadline = self._loop.time() + self._settings.cancel_timeout_s
+        self._send({"op": "cancel", "id": req.id})
+        while True:
+            item = await self._next(req, self._settings.cancel_timeout_s)
+            if isinstance(item, _Closed):
+                if item.reason == "cancel-timeout":
+                    self.abort(f"no `done` within {self._settings.cancel_timeout_s:g} s of cancel")
+                raise PhoneLost(f"{self.serial}: {self.closed_reason or item.reason} during request {req.id}")
+            if item.get("ev") in ("done", "error") and item.get("id") == req.id:
+                req.cancel_deadline = None
+                return
+
     def _event(self, req: _Request, params: GenerationParams, item: dict[str, Any] | _Closed) -> Event | None:
         """The contract event for one item of the inbox (None: nothing to tell); raises on failures."""
         if isinstance(item, _Closed):
@@ -447,9 +554,17 @@ class Session(Runtime):
         if kind == "start":
             return self._on_start(req, params, item)
         if kind == "done":
-            return self._on_done(req, item)
+            return self._on_done(req, params, item)
+        return self._on_error(req, params, item)
+
+    def _on_error(self, req: _Request, params: GenerationParams, item: dict[str, Any]) -> Event:
+        code = item.get("code")
+        planned = params.reset and req.plan.start != RESET and not req.rerun  # (not a raw continuation)
+        if not req.started and code in RERUN_CODES and planned:
+            raise _Rerun(f"the phone refused its start point ({code}: {item.get('message')})", running=False)
         req.over = True
         self._end(req)
+        self.tracker.finish(req.plan, None, [] if not req.started else None)
         raise request_error(item, self.serial)
 
     def _on_closed_item(self, req: _Request, item: _Closed) -> Event:
@@ -473,19 +588,37 @@ class Session(Runtime):
             more, t_ms = self._tok_fields(req, nxt)
             ids.extend(more)
         req.completion += len(ids)
+        req.generated.extend(ids)
         req.timeout = self._settings.stall_timeout_s
         return Tokens(req.id, ids, t_ms)
 
     def _on_start(self, req: _Request, params: GenerationParams, item: dict[str, Any]) -> Started:
         if req.started:
             raise self._violation(req, "second start")
+        prompt_tokens = self._int(req, item, "prompt_tokens", len(req.plan.send))
+        state_tokens = self._int(req, item, "state_tokens", 0)
+        plan = req.plan
+        restored = item.get("restored", plan.start.restore)
+        if plan.known and (state_tokens != plan.state_tokens or restored != plan.start.restore):
+            said = f"state_tokens {state_tokens}, restored {restored!r}"
+            expected = f"{plan.state_tokens}, {plan.start.restore!r}"
+            if plan.start == RESET or req.rerun:
+                raise self._violation(req, f"start with {said} after a reset")
+            if not params.reset:  # a raw continuation, as the caller asked: what it continues is unknown
+                logger.warning("%s: request %s continues from %s, the host expected %s", self.serial, req.id,
+                               said, expected)
+                self.tracker.forget()
+                plan = req.plan = Plan(plan.start, plan.send, known=False)
+            else:
+                    raise _Rerun(f"the phone started from {said}, the host expected {expected} "
+                             f"({plan.start.kind})", running=True)
         req.started = True
-        prompt_tokens = self._int(req, item, "prompt_tokens", len(params.prompt_ids))
-        # decode-over-prompt: the first token waits for the whole prompt
+        # decode-over-prompt: the first token waits for the whole prompt (the part sent)
         req.timeout = self._settings.stall_timeout_s + prompt_tokens * self._settings.prefill_ms_per_token / 1000
-        return Started(req.id, prompt_tokens, self._int(req, item, "state_tokens", 0), self.serial)
+        prompt = len(params.prompt_ids) if params.reset else prompt_tokens
+        return Started(req.id, prompt, state_tokens, self.serial, cached_tokens=plan.cached)
 
-    def _on_done(self, req: _Request, item: dict[str, Any]) -> Finished:
+    def _on_done(self, req: _Request, params: GenerationParams, item: dict[str, Any]) -> Finished:
         if not req.started:
             raise self._violation(req, "done before start")
         reason = item.get("reason")
@@ -493,14 +626,29 @@ class Session(Runtime):
             raise self._violation(req, f"done with reason {reason!r}")
         req.over = True
         self._end(req)
+        self.tracker.finish(req.plan, req.generated if reason != "cancelled" else None, self._saved(item))
         return Finished(
             req.id,
             reason,
-            self._int(req, item, "prompt_tokens", 0),
+            len(params.prompt_ids) if params.reset else self._int(req, item, "prompt_tokens", 0),
             self._int(req, item, "completion_tokens", req.completion),
             self._ms(item, "prefill_ms"),
             self._ms(item, "decode_ms"),
         )
+
+    def _saved(self, item: dict[str, Any]) -> list[tuple[int, int]]:
+        """``done.saved`` as (slot, tokens); entries that are not two integers are left out (their
+        slot then stays unknown to the tracker)."""
+        saved = item.get("saved")
+        if not isinstance(saved, list):
+            return []
+        out = []
+        for entry in saved:
+            if isinstance(entry, dict) and type(entry.get("slot")) is int and type(entry.get("tokens")) is int:
+                out.append((entry["slot"], entry["tokens"]))
+            else:
+                logger.warning("%s: done.saved entry %r ignored", self.serial, entry)
+        return out
 
     async def _wind_down(self, req: _Request) -> None:
         """However generate() ended: a request the consumer left is cancelled on the phone, bounded."""
@@ -541,6 +689,30 @@ class Session(Runtime):
         if self._request is req:
             self._request = None
 
+    def _drained_start(self, req: _Request, item: dict[str, Any]) -> None:
+        """The ``start`` of a request the consumer left: checked like any other (the state it ends with
+        is known only if it started where the tracker expected)."""
+        plan = req.plan
+        if not plan.known or (item.get("state_tokens"), item.get("restored", plan.start.restore)) == (
+            plan.state_tokens, plan.start.restore
+        ):
+            req.started = True
+            return
+        logger.warning("%s: request %s (left by its consumer) started from state_tokens %r, the host "
+                       "expected %d: the phone is treated as holding nothing", self.serial, req.id,
+                       item.get("state_tokens"), plan.state_tokens)
+        self.tracker.forget()
+        req.plan = Plan(RESET, [], known=False)
+
+    def _drained(self, req: _Request, item: dict[str, Any]) -> None:
+        """What a request the consumer left ended with, for the tracker: a ``done`` that was not a cancel
+        (it finished first) leaves a known state."""
+        if item.get("ev") == "error":
+            self.tracker.finish(req.plan, None, [] if not req.started else None)
+            return
+        finished = item.get("reason") in ("stop", "length") and req.started
+        self.tracker.finish(req.plan, req.generated if finished else None, self._saved(item))
+
     async def _cancel_and_drain(self, req: _Request) -> None:
         t0 = time.monotonic()
         try:
@@ -553,7 +725,14 @@ class Session(Runtime):
                     if item.reason == "cancel-timeout":
                         self.abort(f"no `done` within {self._settings.cancel_timeout_s:g} s of cancel")
                     return
-                if item.get("ev") in ("done", "error") and item.get("id") == req.id:
+                if item.get("id") != req.id:
+                    continue
+                if item.get("ev") == "start":
+                    self._drained_start(req, item)
+                if item.get("ev") == "tok" and isinstance(item.get("ids"), list):
+                    req.generated.extend(i for i in item["ids"] if type(i) is int)
+                if item.get("ev") in ("done", "error"):
+                    self._drained(req, item)
                     logger.debug(
                         "%s: request %s cancelled in %.1f ms",
                         self.serial,
