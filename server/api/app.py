@@ -36,6 +36,7 @@ from server.api.errors import install_error_handlers
 from server.api.metrics import HttpMetrics, HttpMetricsMiddleware, new_registry
 from server.api.routes import chat, completions, health, metrics, models, tokenize
 from server.backends.base import Backend
+from server.serving.chat.overflow import DROPPED_HEADER
 from server.serving.chat.service import ChatService
 from server.serving.completions import CompletionService
 from server.serving.metrics import BackendCollector, ServingMetrics
@@ -61,7 +62,9 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         app.state.backend = the_backend
         app.state.models = registry
         app.state.completions = CompletionService(the_backend, registry, metrics=serving_metrics)
-        app.state.chat = ChatService(the_backend, registry, metrics=serving_metrics)
+        app.state.chat = ChatService(the_backend, registry, metrics=serving_metrics,
+                                     context_overflow=settings.context_overflow,
+                                     history_render=settings.history_render)
         gauges = BackendCollector(the_backend)
         metrics_registry.register(gauges)
         warn_if_exposed(settings)
@@ -85,7 +88,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, open_paths=open_paths(settings))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER, "Retry-After", IGNORED_HEADER])
+                           allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER, "Retry-After", IGNORED_HEADER, DROPPED_HEADER])
     routers = [completions.router, chat.router, tokenize.router, models.router, health.router, metrics.router]
     for router in routers:
         app.include_router(router)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from server.api.sse import respond_unless_disconnected, stream_response
+from server.serving.chat.overflow import dropped_header
 from server.serving.chat.protocol import ChatCompletionRequest
 from server.serving.chat.service import ChatService
 from server.serving.oneshot import ignored_header
@@ -32,7 +33,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         len(prepared.params.prompt_ids), prepared.params.max_new, len(body.tools or []),
         prepared.prompt.thinking, bool(body.stream),
     )
-    headers = ignored_header(prepared.ignored)
+    headers = ignored_header(prepared.ignored) | dropped_header(prepared.prompt.dropped)
     if body.stream:
         return await stream_response(
             service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=prepared.id,

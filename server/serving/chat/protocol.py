@@ -39,6 +39,9 @@ from server.serving.protocol import (
 
 # --- request -----------------------------------------------------------------------------------
 
+# what to do with a conversation that outgrows the context (docs/chat.md): a 400, or drop its oldest turns
+ContextOverflow = Literal["error", "drop-oldest"]
+
 
 class ContentPart(BaseModel):
     """A content part; ``text`` parts are served (the phones run the text model), and ``refusal``
@@ -161,6 +164,7 @@ class ChatCompletionRequest(GenerationRequest):
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables: {"enable_thinking": true}
     enable_thinking: StrictBool | None = None  # shorthand (DashScope/SGLang style); chat_template_kwargs wins
     return_timings: StrictBool | None = False  # add the phone's timeline ("timings") to the response
+    context_overflow: ContextOverflow | None = None  # a conversation that outgrows the context; null: the server's
     # --- end qhx extensions ---
 
     @property

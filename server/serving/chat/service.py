@@ -17,8 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.backends.base import Backend, Boundary, ModelInfo
+from server.errors import ContextLengthExceeded
+from server.logs import note_request
 from server.serving.base import OpenAIServing, Prepared, Prompt
 from server.serving.chat.boundaries import chat_boundaries
+from server.serving.chat.history import HistoryRender, as_generated
+from server.serving.chat.overflow import Turns, replay_cut, turn_positions
 from server.serving.chat.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -27,6 +31,7 @@ from server.serving.chat.protocol import (
     ChatCompletionRequest,
     ChatFinishReason,
     ChunkChoice,
+    ContextOverflow,
     Delta,
     DeltaFunction,
     DeltaToolCall,
@@ -52,6 +57,7 @@ class RenderedPrompt(Prompt):
     plan: ToolPlan
     thinking: bool  # the prompt ends inside an open think block
     template_source: str
+    dropped: int = 0  # oldest messages dropped to fit the context (context_overflow drop-oldest)
 
 
 PreparedChat = Prepared[ChatCompletionRequest, RenderedPrompt]
@@ -66,10 +72,13 @@ class ChatService(OpenAIServing[ChatCompletionRequest, RenderedPrompt]):
     chunk_type = ChatCompletionChunk
 
     def __init__(
-        self, backend: Backend, registry: ModelRegistry, *, metrics: ServingMetrics | None = None
+        self, backend: Backend, registry: ModelRegistry, *, metrics: ServingMetrics | None = None,
+        context_overflow: ContextOverflow = "error", history_render: HistoryRender = "template",
     ) -> None:
         super().__init__(backend, registry, metrics=metrics)
         self._templates: dict[str, ChatTemplate] = {}  # tokenizer folder -> its template
+        self._context_overflow = context_overflow  # unless the request says (its context_overflow)
+        self._history_render = history_render
 
     def template_for(self, info: ModelInfo) -> ChatTemplate:
         """The model's chat template: its bundle's own when the tokenizer folder holds one (see
@@ -84,23 +93,92 @@ class ChatService(OpenAIServing[ChatCompletionRequest, RenderedPrompt]):
 
     async def render(self, request: ChatCompletionRequest, *, add_generation_prompt: bool = True) -> RenderedPrompt:
         """Render and tokenize the conversation (no length checks beyond a cheap bound)."""
+        rendered = await self._render_text(request, add_generation_prompt=add_generation_prompt)
+        self._check_may_fit(request, rendered.text, rendered.info, rendered.tokenizer)
+        rendered.ids = await rendered.tokenizer.encode_async(rendered.text)
+        return rendered
+
+    async def _render_text(self, request: ChatCompletionRequest, *, add_generation_prompt: bool) -> RenderedPrompt:
+        """The conversation rendered, not tokenized yet (``ids`` empty)."""
         info, tok = await self._model(request.model)
         plan = plan_tools(request.template_tools(), request.template_tool_choice())
         # a forced call is written right after a closed (empty) think block
         thinking = request.thinking and not plan.prefill and add_generation_prompt
         template = self.template_for(info)
+        messages = request.template_messages()
         text = template.render(  # enable_thinking of chat_template_kwargs is in `thinking`
-            request.template_messages(), plan.rendered, add_generation_prompt=add_generation_prompt,
+            messages, plan.rendered, add_generation_prompt=add_generation_prompt,
             enable_thinking=thinking, template_kwargs=request.chat_template_kwargs,
         )
+        if self._history_render == "as-generated":
+            text = as_generated(text, messages, add_generation_prompt=add_generation_prompt)
         if add_generation_prompt:
             text += plan.prefill
-        self._check_may_fit(request, text, info, tok)
-        ids = await tok.encode_async(text)
-        return RenderedPrompt(info, tok, text, ids, plan, thinking, template.source)
+        return RenderedPrompt(info, tok, text, [], plan, thinking, template.source)
 
     async def _prompt(self, request: ChatCompletionRequest) -> RenderedPrompt:
+        if (request.context_overflow or self._context_overflow) == "drop-oldest":
+            return await self._drop_oldest(request)
         return await self.render(request)
+
+    async def _drop_oldest(self, request: ChatCompletionRequest) -> RenderedPrompt:
+        """The conversation, or when it does not fit, its system message and its last turns
+        (chat/overflow.py); the whole conversation when even its last turn alone does not fit, for
+        the usual 400."""
+        whole = await self._render_text(request, add_generation_prompt=True)
+        info, tok, turns = whole.info, whole.tokenizer, Turns.of(request.messages)
+        room = request.max_new_requested[0]
+        room = 1 if room is None else room
+
+        def fits(n_prompt: int) -> bool:
+            return n_prompt + room <= info.max_context
+
+        target = min(info.max_context // 2, info.max_context - room)
+        first: int | None = None
+        if tok.min_tokens(whole.text) <= info.max_context:
+            whole.ids = await tok.encode_async(whole.text)
+            if fits(len(whole.ids)) or len(turns) < 2:
+                return whole
+            positions = turn_positions(whole.ids, tok.special_id(IM_START), request.messages, turns,
+                                       system_block=whole.text.startswith(f"{IM_START}system"))
+            first = replay_cut(positions, fits, target) if positions is not None else None
+        elif len(turns) < 2:
+            return await self.render(request)  # the usual 400, without tokenizing
+
+        async def keeping(first: int) -> RenderedPrompt | None:
+            kept = request.messages[:turns.head] + request.messages[turns.starts[first]:]
+            try:
+                cut = await self.render(request.model_copy(update={"messages": kept}))
+            except ContextLengthExceeded:  # still too large to tokenize
+                return None
+            cut.dropped = turns.dropped(first)
+            return cut
+
+        if first is not None and first > 0:
+            cut = await keeping(first)
+            if cut is not None and fits(len(cut.ids)):
+                return self._dropped(request, cut)
+        # the replay could not be made (or missed): the fewest oldest turns that bring it under target
+        lo, hi = (first or 0) + 1, len(turns) - 1
+        best: RenderedPrompt | None = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            cut = await keeping(mid)
+            if cut is not None and len(cut.ids) <= target:
+                best, hi = cut, mid - 1
+            else:
+                lo = mid + 1
+        if best is None:
+            best = await keeping(len(turns) - 1)
+        if best is not None and fits(len(best.ids)):
+            return self._dropped(request, best)
+        return await self.render(request)  # not even the last turn fits: the usual 400
+
+    def _dropped(self, request: ChatCompletionRequest, cut: RenderedPrompt) -> RenderedPrompt:
+        note_request(dropped=cut.dropped)
+        self._logger.info("dropped the %d oldest of %d messages to fit the context (%d prompt tokens now)",
+                          cut.dropped, len(request.messages), len(cut.ids))
+        return cut
 
     def _boundaries(self, prompt: RenderedPrompt) -> list[Boundary]:
         """The end of the system/tools block and the last message boundary (chat/boundaries.py)."""
