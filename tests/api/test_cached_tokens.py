@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from server.logs import make_handler
@@ -84,3 +85,34 @@ def test_prompt_tokens_details_is_on_the_wire_as_openai_sends_it(live: LiveServe
     body = raw.http_response.json()
     assert list(body["usage"]) == ["completion_tokens", "prompt_tokens", "total_tokens", "prompt_tokens_details"]
     assert list(body["usage"]["prompt_tokens_details"]) == ["cached_tokens"]
+
+
+def test_the_second_turn_of_a_chat_reuses_the_first_turn_s_prompt(live: LiveServer, json_logs: JsonLines) -> None:
+    """End to end with the phones' state reuse: the second turn's prompt starts with everything the
+    first turn's prompt held before its generation prompt (the last message boundary), which the phone
+    kept; so at least that much is cached, and the log and counters say the same."""
+    client, lab = live.client(), labels(live)
+    first = [*MESSAGES[:1], {"role": "user", "content": "Which phone makers are in Korea? Answer in detail."}]
+    r1 = client.chat.completions.create(model=live.model, messages=first, max_tokens=6, temperature=0.0)  # type: ignore[arg-type]
+    kept = httpx.post(live.base_url + "/tokenize", timeout=10, json={
+        "model": live.model, "messages": first, "add_generation_prompt": False}).json()["count"]
+    second = [*first, {"role": "assistant", "content": r1.choices[0].message.content},
+              {"role": "user", "content": "And in Japan?"}]
+    before = scrape(live.base_url)
+    r2 = client.chat.completions.create(model=live.model, messages=second, max_tokens=6, temperature=0.0,  # type: ignore[arg-type]
+                                        extra_headers={"X-Request-ID": "trace-turn-2"})
+    d = delta(before, scrape(live.base_url))
+    assert r2.usage is not None and r2.usage.prompt_tokens_details is not None
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert kept <= cached < r2.usage.prompt_tokens
+    assert json_logs.access("trace-turn-2")["reused"] == cached == d("qhx:prefix_cache_hits_total", **lab)
+
+
+def test_a_completion_sent_again_reuses_its_prompt(live: LiveServer) -> None:
+    client = live.client()
+    prompt = "A phone is a small computer that fits in a pocket; it runs apps and makes calls. Tell me"
+    first = client.completions.create(model=live.model, prompt=prompt, max_tokens=4, temperature=0.0)
+    again = client.completions.create(model=live.model, prompt=prompt, max_tokens=4, temperature=0.0)
+    assert first.usage is not None and again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens <= again.usage.prompt_tokens
+    assert again.choices[0].text == first.choices[0].text  # reuse does not change the reply
