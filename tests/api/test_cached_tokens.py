@@ -116,3 +116,13 @@ def test_a_completion_sent_again_reuses_its_prompt(live: LiveServer) -> None:
     assert first.usage is not None and again.usage is not None and again.usage.prompt_tokens_details is not None
     assert 0 < again.usage.prompt_tokens_details.cached_tokens <= again.usage.prompt_tokens
     assert again.choices[0].text == first.choices[0].text  # reuse does not change the reply
+
+
+def test_devices_show_what_the_phone_holds_after_a_chat(live: LiveServer) -> None:
+    r = live.client().chat.completions.create(model=live.model, messages=MESSAGES, max_tokens=5, temperature=0.0)  # type: ignore[arg-type]
+    assert r.usage is not None and r.choices[0].finish_reason == "length"
+    live.wait_idle(timeout=5)
+    phone = live.devices()[0]
+    # the pinned state rule: the prompt, then every generated token (device-protocol.md section 3)
+    assert phone["state_tokens"] == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert 1 <= phone["checkpoints_used"] <= phone["checkpoint_slots"]  # it kept a boundary of the chat
