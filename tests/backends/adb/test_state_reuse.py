@@ -129,7 +129,8 @@ async def same_as_reference(ref: Phone, prompt: list[int], reply: Reply, max_new
 
 
 async def test_continue_restore_and_reset_each_as_the_phone_reports_them(
-        fresh: Phone, ref: Phone, tokenizer: Tokenizer) -> None:
+        fresh: Phone, ref: Phone, tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="server.backends.adb.session")
     phone = fresh
     assert phone.health()[0].checkpoint_slots == 4 and phone.prefill_ms_per_token is None
     chat = Chat(tokenizer).user("What is the capital of France?")
@@ -171,6 +172,7 @@ async def test_continue_restore_and_reset_each_as_the_phone_reports_them(
     fifth = await ask(phone, p5, b5)
     assert (fifth.started.state_tokens, fifth.started.cached_tokens) == (0, 0)
     await same_as_reference(ref, p5, fifth)
+    assert "runs again from a reset" not in caplog.text  # each start point was right the first time
 
 
 async def test_a_text_identical_live_state_is_continued(fresh: Phone, ref: Phone, tokenizer: Tokenizer) -> None:
@@ -415,11 +417,15 @@ async def conversation_tree(phone: Phone, ref: Phone, sim: SimPhone, tokenizer: 
 
 @pytest.mark.parametrize("slots", [4, 1, 0])
 async def test_replies_are_the_same_with_reuse_on_and_off(lab: SimLab, make_phone: MakePhone, ref: Phone,
-                                                         tokenizer: Tokenizer, slots: int) -> None:
+                                                         tokenizer: Tokenizer, slots: int,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     sim = await asyncio.to_thread(lab.add_phone, sim_config={"checkpoints": slots})
     phone = await make_phone(sim)
     reused = 0
-    for seed in range(3):
-        reused += await conversation_tree(phone, ref, sim, tokenizer, seed)
+    with caplog.at_level(logging.WARNING, logger="server.backends.adb.session"):
+        for seed in range(3):
+            reused += await conversation_tree(phone, ref, sim, tokenizer, seed)
     assert reused > 0  # (the test exercised reuse)
+    # and every start point was right the first time: a rerun from a reset would hide a wrong plan
+    assert "runs again from a reset" not in caplog.text
     await phone.aclose()
