@@ -331,6 +331,11 @@ class Tracker:
         self.slots = [None] * len(self.slots)
         self._replaced = {}
 
+    def drop_checkpoints(self) -> None:
+        """The runtime does not do the checkpoints it advertised: plan as for a v1 runtime from now on."""
+        self.slots = []
+        self._replaced = {}
+
     def holding(self) -> Holding:
         return Holding(
             None if self.live is None else len(self.live),

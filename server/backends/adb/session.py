@@ -559,9 +559,16 @@ class Session(Runtime):
 
     def _on_error(self, req: _Request, params: GenerationParams, item: dict[str, Any]) -> Event:
         code = item.get("code")
-        planned = params.reset and req.plan.start != RESET and not req.rerun  # (not a raw continuation)
-        if not req.started and code in RERUN_CODES and planned:
-            raise _Rerun(f"the phone refused its start point ({code}: {item.get('message')})", running=False)
+        plan = req.plan
+        if not req.started and params.reset and not req.rerun:  # (never for a raw continuation)
+            said = f"{code}: {item.get('message')}"
+            if plan.start != RESET and code in RERUN_CODES:
+                raise _Rerun(f"the phone refused its start point ({said})", running=False)
+            if plan.saves and code == "bad_request":  # saves from an empty state: always inside the prompt
+                logger.warning("%s: the runtime refused checkpoint saves (%s): its checkpoints are not "
+                               "used any more", self.serial, said)
+                self.tracker.drop_checkpoints()
+                raise _Rerun(f"the phone refused its saves ({said})", running=False)
         req.over = True
         self._end(req)
         self.tracker.finish(req.plan, None, [] if not req.started else None)

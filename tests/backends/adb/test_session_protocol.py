@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from server.backends.adb.phone import Phone
-from server.backends.base import Finished, GenerationParams, PhoneState
+from server.backends.base import Boundary, Finished, GenerationParams, PhoneState
 from server.errors import ProtocolViolation
 from server.sim.harness import SimPhone
 from tests.backends.adb_helpers import wait_state
@@ -132,4 +132,28 @@ async def test_no_ready_within_the_timeout_is_a_failed_start(
     )
     await wait_state(phone, PhoneState.RESTARTING)
     assert "no `ready`" in (phone.last_error or "")
+    await phone.aclose()
+
+
+async def test_a_runtime_that_refuses_the_saves_it_advertised_is_used_without_checkpoints(
+    sim: SimPhone, make_phone: Callable[..., Awaitable[Phone]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """ready says 2 checkpoint slots but every `save` gets bad_request: the request runs again without
+    saves (the caller sees nothing of it), and later requests send none."""
+    ready = READY[:-1] + ',"checkpoints":2}'
+    refuse = 'echo \'{"ev":"error","id":"v","code":"bad_request","message":"no saves here"}\''
+    serve = "\n".join([ev("start", prompt_tokens=3, state_tokens=0, restored=None),
+                       ev("done", reason="length", prompt_tokens=3, completion_tokens=0, saved=[])])
+    body = f"echo '{ready}'\nwhile read line; do case \"$line\" in *'\"save\"'*) {refuse};; *) {serve};; esac; done"
+    phone = await make_phone(sim, launch_command=script(sim, "nosave", body), device_mode="session")
+    assert phone.health()[0].checkpoint_slots == 2
+    params = GenerationParams("v", "qwen3.5-0.8b", [1, 2, 3], 0, boundaries=[Boundary(2)])
+    with caplog.at_level(logging.WARNING, logger="server.backends.adb.session"):
+        events = [e async for e in phone.generate(params)]
+        assert isinstance(events[-1], Finished) and events[-1].reason == "length"
+        assert "refused checkpoint saves" in caplog.text
+        assert phone.health()[0].checkpoint_slots == 0
+        caplog.clear()
+        events = [e async for e in phone.generate(params)]
+        assert isinstance(events[-1], Finished) and not caplog.text
     await phone.aclose()
