@@ -27,6 +27,12 @@ runtime lived on (one-shot mode: one process per request). After ``quarantine_af
 ``last_error`` and ``retry_in_s`` in its health) for ``quarantine_s``, doubled at each further failure
 up to ``quarantine_max_s``, then started again. A request that finishes resets the count; so does
 plugging the phone in again (start from OFFLINE). The pool only routes to READY phones.
+
+State reuse (docs/state-reuse.md) is the runtime's: a session tracks what its process holds and
+starts each request where it can (reuse.py, session.py). The phone passes on what routing weighs:
+``reusable(prompt_ids)`` (prompt tokens it would not process again) and ``prefill_ms_per_token``
+(measured from ``Finished.prefill_ms`` over the tokens processed), and reports the live state's
+length and the checkpoint slots in its health.
 """
 
 from __future__ import annotations
