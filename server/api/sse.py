@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from pydantic import BaseModel
@@ -151,3 +151,30 @@ async def respond_unless_disconnected(
         logger.info("request %s: client disconnected; generation cancelled", request_id)
         return Response(status_code=499)
     return Response(task.result(), media_type="application/json", headers=dict(headers or {}))
+
+
+P_contra = TypeVar("P_contra", contravariant=True)
+
+
+class Service(Protocol[P_contra]):
+    """An endpoint family's service (server/serving/base.py): a prepared request as a stream of chunk
+    texts, or as one body."""
+
+    def stream(self, p: P_contra) -> AsyncGenerator[str, None]: ...
+
+    async def complete(self, p: P_contra) -> str: ...
+
+
+async def respond(
+    request: Request, service: Service[P_contra], prepared: P_contra, *, stream: bool, request_id: str,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """The response to a prepared request: an SSE stream or one JSON body (what every generation
+    route ends with)."""
+    if stream:
+        return await stream_response(
+            service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=request_id,
+            headers=headers,
+        )
+    return await respond_unless_disconnected(request, service.complete(prepared), request_id=request_id,
+                                             headers=headers)

@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.api.sse import respond_unless_disconnected, stream_response
+from server.api.sse import respond
 from server.serving.chat.overflow import dropped_header
 from server.serving.chat.protocol import ChatCompletionRequest
 from server.serving.chat.service import ChatService
@@ -34,10 +34,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         prepared.prompt.thinking, bool(body.stream),
     )
     headers = ignored_header(prepared.ignored) | dropped_header(prepared.prompt.dropped)
-    if body.stream:
-        return await stream_response(
-            service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=prepared.id,
-            headers=headers,
-        )
-    return await respond_unless_disconnected(request, service.complete(prepared), request_id=prepared.id,
-                                             headers=headers)
+    return await respond(request, service, prepared, stream=bool(body.stream), request_id=prepared.id,
+                         headers=headers)

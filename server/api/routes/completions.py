@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.api.sse import respond_unless_disconnected, stream_response
+from server.api.sse import respond
 from server.serving.completions import CompletionService
 from server.serving.oneshot import ignored_header
 from server.serving.protocol import CompletionRequest
@@ -25,11 +25,6 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                  prepared.id, prepared.model, len(prepared.params.prompt_ids), prepared.params.max_new,
                  bool(body.stream))
     headers = ignored_header(prepared.ignored)
-    if body.stream:
-        return await stream_response(
-            service.stream(prepared), ping_s=request.app.state.settings.sse_ping_s, request_id=prepared.id,
-            headers=headers,
-        )
-    return await respond_unless_disconnected(request, service.complete(prepared), request_id=prepared.id,
-                                             headers=headers)
+    return await respond(request, service, prepared, stream=bool(body.stream), request_id=prepared.id,
+                         headers=headers)
 
