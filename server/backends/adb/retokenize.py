@@ -31,11 +31,11 @@ def load_tokenizer(path: str) -> Tokenizer:
     return tokenizer
 
 
-_shared: dict[str, tuple[Tokenizer, Callable[[int], bytes] | None]] = {}
+_shared: dict[str, tuple[Tokenizer, Callable[[int], bytes | None] | None]] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_tokenizer(path: str) -> tuple[Tokenizer, Callable[[int], bytes] | None]:
+def shared_tokenizer(path: str) -> tuple[Tokenizer, Callable[[int], bytes | None] | None]:
     """:func:`load_tokenizer` of ``path`` and its :func:`token_bytes`, loaded once per process and
     shared by every phone serving that bundle (a Qwen3.5 tokenizer is ~100 MB and seconds to load).
     Blocking: call it in a worker thread."""
@@ -52,25 +52,25 @@ def decode(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def token_bytes(tokenizer: Tokenizer) -> Callable[[int], bytes] | None:
-    """A function from a token id to its raw bytes (special tokens as their text), memoized; None
+def token_bytes(tokenizer: Tokenizer) -> Callable[[int], bytes | None] | None:
+    """A function from a token id to its raw bytes, None for an added (special) token, memoized; None
     for a tokenizer that is not byte-level (its tokens have no exact bytes). State reuse compares
-    texts with it (reuse.py), exactly, where decoding would be lossy on split UTF-8 sequences."""
+    texts with it (reuse.py), exactly, where decoding would be lossy on split UTF-8 sequences; a
+    special token has no bytes there: it is the same input to the model only as itself, not as the
+    ordinary tokens that spell its text."""
     if not isinstance(tokenizer.decoder, decoders.ByteLevel):
         return None
-    specials = {i: t.content.encode("utf-8") for i, t in tokenizer.get_added_tokens_decoder().items()}
+    specials = set(tokenizer.get_added_tokens_decoder())
     table = byte_decoder()
     memo: dict[int, bytes] = {}
 
-    def of(token: int) -> bytes:
+    def of(token: int) -> bytes | None:
+        if token in specials:
+            return None
         got = memo.get(token)
         if got is None:
-            if token in specials:
-                got = specials[token]
-            else:
-                piece = tokenizer.id_to_token(token)
-                got = b"" if piece is None else bytes(table[c] for c in piece if c in table)
-            memo[token] = got
+            piece = tokenizer.id_to_token(token)
+            got = memo[token] = b"" if piece is None else bytes(table[c] for c in piece if c in table)
         return got
 
     return of

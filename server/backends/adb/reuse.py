@@ -10,7 +10,8 @@ No I/O: the session (session.py) asks a :class:`Tracker` for a :class:`Plan`, se
   ``reset: false``), a slot (``restore``), nothing (``reset: true``); only the rest of P is sent. A
   state *matches* P when it is an id-prefix of P, or when its text is exactly the text of P's first k
   tokens (text-identical: the phone generated ``" Hello"`` + ``" world"`` where the prompt re-renders
-  ``" Hello world"`` differently, or the other way round). Then the phone runs the state + P[k:]:
+  ``" Hello world"`` differently, or the other way round; a special token counts as itself, not as the
+  characters that spell it). Then the phone runs the state + P[k:]:
   the same text, P's own ids after the match, so a valid tokenization of the prompt. At least one
   prompt token is always sent: a state holds no logits to sample from, and recurrent state cannot be
   cut back to recompute the last token.
@@ -32,7 +33,9 @@ from server.backends.base import Boundary
 
 MAX_SAVES = 2  # per request (device-protocol.md: `save` holds at most 2)
 
-TokenBytes = Callable[[int], bytes]  # a token's raw bytes (its text, special tokens spelled out)
+# a token's raw bytes; None for a special token: it matches only itself, never the text that spells it
+# (``<|im_end|>`` written as ordinary tokens is other input to the model than the special token)
+TokenBytes = Callable[[int], bytes | None]
 Ids = tuple[int, ...]
 
 
@@ -128,19 +131,31 @@ def match(held: Sequence[int], prompt: Sequence[int], text: TokenBytes | None) -
         return n if n < len(prompt) else None
     if text is None:
         return None
-    # the texts agree up to token c: compare the rest byte by byte, a token at a time on each side
+    # the texts agree up to token c: compare the rest byte by byte, a token at a time on each side; a
+    # special token only against the same special token, both sides at a token boundary
     i, j = c, c
     h = p = b""
     while True:
+        if not h and not p and i < n and j < len(prompt) and (text(held[i]) is None or text(prompt[j]) is None):
+            if held[i] != prompt[j]:
+                return None
+            i, j = i + 1, j + 1
+            continue
         if not h:
             if i == n:  # all of held matched: at a token boundary of the prompt?
                 return j if not p and 0 < j < len(prompt) else None
-            h, i = text(held[i]), i + 1
+            piece = text(held[i])
+            if piece is None:  # a special token inside one of the prompt's tokens
+                return None
+            h, i = piece, i + 1
             continue
         if not p:
             if j == len(prompt):
                 return None
-            p, j = text(prompt[j]), j + 1
+            piece = text(prompt[j])
+            if piece is None:
+                return None
+            p, j = piece, j + 1
             continue
         m = min(len(h), len(p))
         if h[:m] != p[:m]:

@@ -30,6 +30,7 @@ TOKENIZER = load_tokenizer(str(ensure_tokenizer_json()))
 _text = token_bytes(TOKENIZER)
 assert _text is not None
 TEXT = _text
+SPECIALS = frozenset(TOKENIZER.get_added_tokens_decoder())
 
 UNITS = st.sampled_from([
     " the", " answer", "Hello", " world", ",", ".", "\n\n", " \n", "  ", " café", " 東京", " 🦙", "ab", "12",
@@ -48,8 +49,13 @@ def split_enc(text: str, cuts: list[int]) -> list[int]:
     return [i for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True) for i in enc(text[a:b])]
 
 
-def text_of(ids: list[int] | tuple[int, ...]) -> bytes:
-    return b"".join(TEXT(i) for i in ids)
+def text_of(ids: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """What the model reads: each ordinary token's bytes, each special token as a symbol of its own
+    (a special id is not the text that spells it)."""
+    out: list[int] = []
+    for i in ids:
+        out += [256 + i] if i in SPECIALS else list(TEXT(i) or b"")
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- matching
@@ -71,6 +77,48 @@ def test_a_text_identical_state_matches_at_a_token_boundary_of_the_prompt() -> N
     # the text matches but ends inside one of the prompt's tokens: no boundary there
     assert match(tuple(enc("Hello wor")), enc("Hello world!"), TEXT) is None
     assert match(tuple(enc("Hello there")), prompt, TEXT) is None
+
+
+def test_a_special_token_matches_only_itself_not_the_text_that_spells_it() -> None:
+    # the phone held "<|im_end|>" as ordinary tokens (a client's token ids, or text a model wrote); the
+    # prompt has the special token there: the same characters, another sequence for the model, so a
+    # reset and the reuse would read different things
+    spelled = tuple(enc("Hi<|im_end") + enc("|>"))
+    prompt = enc("Hi<|im_end|> there")
+    assert len(prompt) == 3 and prompt[1] in SPECIALS
+    assert match(spelled, prompt, TEXT) is None
+    assert plan_start(prompt, spelled, [Slot(spelled)], text=TEXT).kind == "reset"
+    # and the other way round: the state holds the special token, the prompt spells it
+    assert match(tuple(enc("Hi<|im_end|>")), enc("Hi<|im_end") + enc("|> there"), TEXT) is None
+    # the special token itself still matches, text-identical around it
+    assert match(tuple(enc("Hi") + enc("<|im_end|>")), prompt, TEXT) == 2
+    assert match(tuple(enc("H") + enc("i") + enc("<|im_end|>")), prompt, TEXT) == 2
+
+
+def spelled(text: str) -> list[int]:
+    """``text`` with each special token in it written out as ordinary tokens (``<`` then the rest)."""
+    out: list[int] = []
+    for i in enc(text):
+        written = TOKENIZER.decode([i], skip_special_tokens=False)
+        out += enc(written[:1]) + enc(written[1:]) if i in SPECIALS else [i]
+    return out
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(units=st.lists(UNITS, min_size=1, max_size=12), cut=st.integers(0, 12), spell=st.lists(st.booleans()),
+       tail=st.lists(UNITS, max_size=2))
+def test_a_state_matches_only_where_the_model_reads_the_same_sequence(
+        units: list[str], cut: int, spell: list[bool], tail: list[str]) -> None:
+    # states and prompts whose special tokens may be written out as text, on either side: a match is
+    # a prefix of what the model reads (special tokens as symbols), never only of the characters
+    def tokens(pieces: list[str], flags: list[bool]) -> list[int]:
+        return [i for k, piece in enumerate(pieces) for i in (spelled(piece) if k < len(flags) and flags[k]
+                                                               else enc(piece))]
+    prompt = tokens(units + tail, spell)
+    held = tuple(tokens(units[:cut], spell[::-1]))  # spelled elsewhere than in the prompt
+    k = match(held, prompt, TEXT)
+    if k is not None:
+        assert 0 < k < len(prompt) and text_of(prompt[:k]) == text_of(held)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
