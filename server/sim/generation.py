@@ -56,6 +56,7 @@ class Steering:
     reason: bool  # emit reasoning text
     close_think: bool  # emit "\n</think>\n\n" before the answer or tool call
     tool: dict | None  # the tool to call (its JSON function definition), or None
+    line_start: bool = False  # the answer starts a line (a chat turn): no leading space, as a model writes
 
 
 def request_rng(context: bytes, temperature: float, seed: int | None) -> random.Random:
@@ -84,7 +85,8 @@ def steer(context: str, *, think: bool | None, tool_call: bool | None) -> Steeri
     do_tool = wants_tool if tool_call is None else tool_call
     tool = (tools[0] if tools else _DEFAULT_TOOL) if do_tool else None
     # A prompt that opened <think> must see it closed even when reasoning is switched off.
-    return Steering(open_think=do_think and not opened, reason=do_think, close_think=do_think or opened, tool=tool)
+    return Steering(open_think=do_think and not opened, reason=do_think, close_think=do_think or opened, tool=tool,
+                    line_start=do_think or opened or context.endswith("\n"))
 
 
 class TextModel:
@@ -163,13 +165,26 @@ class TextModel:
             yield from self.encode(tool_call_text(steering.tool, rng))
             if stop is not None:
                 yield stop
-        yield from self._answer(rng, stop, stop_rate=stop_rate, min_tokens=min_tokens)
+        yield from self._answer(rng, stop, stop_rate=stop_rate, min_tokens=min_tokens, line_start=steering.line_start)
 
-    def _answer(self, rng: random.Random, stop: int | None, *, stop_rate: float, min_tokens: int) -> Iterator[int]:
+    def _answer(
+        self, rng: random.Random, stop: int | None, *, stop_rate: float, min_tokens: int, line_start: bool = False
+    ) -> Iterator[int]:
+        """Sentences until a natural end. A chat answer (``line_start``) starts without a space and a
+        paragraph break is only written when another sentence follows, so that the reply has no
+        leading or trailing white space (as a model's, and as a chat template's trim keeps it)."""
         emitted = 0
         checked = 0
+        pending: list[str] = []  # a paragraph break held until the next sentence
         while True:
-            for unit in self._sentence(rng):
+            units = pending + self._sentence(rng)
+            pending = []
+            if line_start:
+                if emitted == 0:
+                    units[0] = units[0].lstrip(" ")
+                if units[-1] == "\n\n":
+                    pending = [units.pop()]
+            for unit in units:
                 ids = self.encode(unit)
                 yield from ids
                 emitted += len(ids)

@@ -126,3 +126,46 @@ def test_devices_show_what_the_phone_holds_after_a_chat(live: LiveServer) -> Non
     # the pinned state rule: the prompt, then every generated token (device-protocol.md section 3)
     assert phone["state_tokens"] == r.usage.prompt_tokens + r.usage.completion_tokens
     assert 1 <= phone["checkpoints_used"] <= phone["checkpoint_slots"]  # it kept a boundary of the chat
+
+
+@pytest.fixture(scope="module", params=["as-generated", "template"])
+def v1_phone_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, LiveServer]]:
+    """A server over one phone whose runtime has no checkpoint slots (protocol v1), rendering earlier
+    replies as the setting says."""
+    from server.api.app import create_app
+    from server.settings import Settings
+    from server.sim.harness import SimLab
+    from tests.api.live_server import BASE_KNOBS, ServerThread, wait_ready
+
+    with SimLab(phones=1, speed=0, sim_config=BASE_KNOBS, checkpoints=0) as lab:
+        settings = Settings(adb_servers=[lab.adb_server], sim=0, history_render=request.param)
+        with ServerThread(create_app(settings)) as st:
+            base = f"http://127.0.0.1:{st.port}"
+            server = LiveServer(base, wait_ready(base), lab.phones[0], settings)
+            yield request.param, server
+            if server._client is not None:
+                server._client.close()
+
+
+def test_history_as_generated_lets_a_v1_phone_continue_its_own_reply(
+    v1_phone_server: tuple[str, LiveServer],
+) -> None:
+    """Issue 12, item 6 (adversarial pass: it never hit on simulated phones, whose replies began with
+    a space that the template trims). Without checkpoints a phone can only continue its live state: the
+    last prompt plus the reply it generated. As generated, the next turn's prompt starts with exactly
+    that, so only the new turn is processed; with the model's own template (the think block dropped)
+    nothing is reused."""
+    render, live = v1_phone_server
+    client = live.client()
+    messages: list[Any] = [{"role": "system", "content": "You are terse."}]
+    cached = []
+    for question in ("Name a phone maker.", "And another one?", "Which is older?"):
+        messages.append({"role": "user", "content": question})
+        r = client.chat.completions.create(model=live.model, messages=messages, max_tokens=12, temperature=0.0)
+        assert r.usage is not None and r.usage.prompt_tokens_details is not None
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+    if render == "as-generated":
+        assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
+    else:
+        assert cached == [0, 0, 0], cached
