@@ -258,9 +258,12 @@ def test_a_phone_failing_twice_in_a_row_is_quarantined_then_recovers(stack: Pool
     victim = stack.sim("b2")  # a w8 phone; the other is a4
     with stack.knobs([victim], crash_after=0):
         deadline = time.monotonic() + 30
+        i = 0
         while stack.device(victim)["state"] != "quarantined":
             assert time.monotonic() < deadline, stack.device(victim)
-            r = stack.client().completions.create(model=W8, prompt=PROMPT, max_tokens=2)
+            i += 1  # prompts with nothing in common: no phone holds a part of the next (state reuse
+            #         would rightly keep sending it to a4, which does), so both phones take turns
+            r = stack.client().completions.create(model=W8, prompt=f"{i}: {PROMPT}", max_tokens=2)
             assert r.choices[0].finish_reason == "length"  # retried on a4: the client never notices
         health = stack.device(victim)
         assert health["failures"] >= 2 and health["retry_in_s"] > 0
@@ -271,7 +274,8 @@ def test_a_phone_failing_twice_in_a_row_is_quarantined_then_recovers(stack: Pool
     deadline = time.monotonic() + 10
     while stack.device(victim)["tokens_served"] == served:
         assert time.monotonic() < deadline
-        stack.client().completions.create(model=W8, prompt=PROMPT, max_tokens=2)
+        i += 1
+        stack.client().completions.create(model=W8, prompt=f"{i}: {PROMPT}", max_tokens=2)
     assert stack.device(victim)["failures"] == 0
 
 
