@@ -6,16 +6,14 @@ server (simulated phone behind a real adb server)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from server.logs import make_handler
 from tests.api.live_server import LiveServer
-from tests.api.test_logging import JsonLines
+from tests.api.test_logging import JsonLines, access_log
 from tests.api.test_metrics import delta, labels, scrape
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a phone maker."}]
@@ -23,17 +21,8 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 @pytest.fixture
 def json_logs() -> Iterator[JsonLines]:
-    logs = JsonLines()
-    handler = make_handler("json", logs.stream)
-    access = logging.getLogger("server.api.access")
-    level = access.level
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
-    try:
+    with access_log() as logs:
         yield logs
-    finally:
-        access.removeHandler(handler)
-        access.setLevel(level)
 
 
 def run(live: LiveServer, endpoint: str, *, stream: bool, n: int = 1, rid: str) -> Any:

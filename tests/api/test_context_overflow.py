@@ -7,7 +7,6 @@ endpoints show it. The session's live server (defaults) and one started here wit
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,11 +15,10 @@ import openai
 import pytest
 
 from server.api.app import create_app
-from server.logs import make_handler
 from server.settings import Settings
 from server.sim.harness import SimLab
 from tests.api.live_server import BASE_KNOBS, LiveServer, ServerThread, wait_ready
-from tests.api.test_logging import JsonLines
+from tests.api.test_logging import JsonLines, access_log
 
 HEADER = "x-qhx-context-dropped"
 SYSTEM = {"role": "system", "content": "You are a terse assistant."}
@@ -37,17 +35,8 @@ def long_chat(turns: int = 14) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def access_lines() -> Iterator[JsonLines]:
-    logs = JsonLines()
-    handler = make_handler("json", logs.stream)
-    access = logging.getLogger("server.api.access")
-    level = access.level
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
-    try:
+    with access_log() as logs:
         yield logs
-    finally:
-        access.removeHandler(handler)
-        access.setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ request with model, phone, tokens and timings; JSON lines that parse."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -37,6 +38,22 @@ class JsonLines:
                 return found[0]
             assert time.monotonic() < deadline, f"no access line for {request_id}"
             time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def access_log() -> Iterator[JsonLines]:
+    """The access lines (``server.api.access``, info and up) as JSON, for the block."""
+    logs = JsonLines()
+    handler = make_handler("json", logs.stream)
+    access = logging.getLogger("server.api.access")
+    level = access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        yield logs
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
 
 
 @pytest.fixture
