@@ -53,8 +53,11 @@ class Stack:
     On entry every phone is ready and one warm-up request has run; ``knobs(...)`` sets simulated
     phone knobs (sim.json) on every phone."""
 
-    def __init__(self, workdir: Path, phones: int = 1, *, ready_timeout_s: float = 180.0) -> None:
+    def __init__(self, workdir: Path, phones: int = 1, *, ready_timeout_s: float = 180.0,
+                 serve_args: list[str] | None = None, sim_args: list[str] | None = None) -> None:
         self.workdir, self.n, self.ready_timeout_s = workdir, phones, ready_timeout_s
+        self.serve_args = list(serve_args or [])  # extra `qhx-server serve` options, e.g. --state-reuse off
+        self.sim_args = list(sim_args or [])  # extra `qhx-server sim` options, e.g. --checkpoints 0
         self.sim: subprocess.Popen[str] | None = None
         self.srv: subprocess.Popen[str] | None = None
         self.sandboxes: list[Path] = []
@@ -65,7 +68,7 @@ class Stack:
         py = sys.executable
         self.sim = subprocess.Popen(
             [py, "-m", "server.cli", "sim", "--phones", str(self.n), "--speed", "1", "--workdir",
-             str(self.workdir), "--log-level", "warning"], stdout=subprocess.PIPE, text=True,
+             str(self.workdir), "--log-level", "warning", *self.sim_args], stdout=subprocess.PIPE, text=True,
         )
         adb_server = None
         assert self.sim.stdout is not None
@@ -82,7 +85,7 @@ class Stack:
         port = free_port()
         self.srv = subprocess.Popen(
             [py, "-m", "server.cli", "serve", "--sim", "0", "--adb-server", adb_server, "--port", str(port),
-             "--log-level", "warning"],
+             "--log-level", "warning", *self.serve_args],
         )
         self.base_url = f"http://127.0.0.1:{port}"
         self._wait_ready()
