@@ -45,7 +45,7 @@ from stack import Stack, machine_info
 
 from server.sim.simconfig import DECODE_TPS, DEFAULTS
 
-PROMPT_MS = DEFAULTS["prefill_factor"] / DECODE_TPS["fp16"] * 1000  # the phone's cost of one prompt token
+PROMPT_MS = float(DEFAULTS["prefill_factor"]) / DECODE_TPS["fp16"] * 1000  # the phone's cost of one prompt token
 SLACK_MS = 50.0  # the first decode step (44 ms) and the host
 
 SYSTEM = ("You are Ada, the assistant of a small bakery in Lyon. Answer questions about bread, pastries, "
@@ -125,8 +125,8 @@ async def ask(client: openai.AsyncOpenAI, model: str, messages: list[dict[str, A
     extra: dict[str, Any] = {"tools": tools} if tools else {}
     t0 = time.monotonic()
     try:
-        stream = await client.chat.completions.create(
-            model=model, messages=messages,  # type: ignore[arg-type]
+        stream = await client.chat.completions.create(  # type: ignore[call-overload]
+            model=model, messages=messages,
             max_completion_tokens=max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"return_timings": True}, **extra)
         async for chunk in stream:
