@@ -45,7 +45,7 @@ from stack import Stack, machine_info
 
 from server.sim.simconfig import DECODE_TPS, DEFAULTS
 
-PROMPT_MS = float(DEFAULTS["prefill_factor"]) / DECODE_TPS["fp16"] * 1000  # the phone's cost of one prompt token
+PROMPT_MS = float(DEFAULTS["prefill_factor"]) / DECODE_TPS["fp16"] * 1000  # a prompt token on the phone
 SLACK_MS = 50.0  # the first decode step (44 ms) and the host
 
 SYSTEM = ("You are Ada, the assistant of a small bakery in Lyon. Answer questions about bread, pastries, "
