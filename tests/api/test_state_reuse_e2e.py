@@ -64,6 +64,7 @@ QUESTIONS = ["What is the weather in Paris?", "Tell me about phones.", "Why is t
 PROMPTS = ["Once upon a time", "Once upon a time there was a phone",
            "Once upon a time there was a phone that", "The weather in Paris"]
 MAX_TOKENS = [8, 16, 24, 48]
+MORE = ["", " ", " And then", "\n\n", ". Later, "]  # what a client adds to a story before the next part
 GENERATION_PROMPT = 7  # tokens of "<|im_start|>assistant\n<think>\n\n</think>\n\n" (thinking off)
 
 
@@ -417,15 +418,26 @@ def write(pair: Pair, stats: Stats, data: st.DataObject, stories: list[str]) -> 
             text = on.content or ""
         stats.last = None
         keep = data.draw(st.integers(0, 3), label="keep") > 0  # else: the same prompt again next time
+        # goes on at once (from the phone's live state), or later, or the same prompt again
+        go_on = keep and not cancel and data.draw(st.booleans(), label="go on")
         if keep:
-            more = data.draw(st.sampled_from(["", " ", " And then", "\n\n", ". Later, "]), label="more")
+            more = " And then" if go_on else data.draw(st.sampled_from(MORE), label="more")
             stories[at] = prompt + text + more
-            stats.last = None if cancel else ("story", at)  # (a cancelled request leaves no live state)
-        if not (cancel and keep):
+            # The phone's live state is the last prompt and the text generated for it: it matches when the
+            # client's text starts a token of its own (" And": a space and a word). Nothing added: the
+            # prompt is the live state's text exactly, and a prompt token must be left to send, so the
+            # live state cannot be used (recurrent state is not cut back). Punctuation or newlines may
+            # merge with the last generated token: the live state then ends inside a prompt token.
+            # A text ending in whitespace may be a token cut inside a character (an emoji's first bytes:
+            # the server holds them back), and a cancelled request leaves no live state.
+            whole = text[-1:].strip() != ""
+            stats.last = ("story", at) if more == " And then" and whole and not cancel else None
+        if cancel and keep:  # the story goes on from the text received, once the phones are done cancelling
+            pair.on.wait_idle()
+            pair.off.wait_idle()
+        elif not go_on:
             return
-        cancel = False  # the story goes on from the text received, once the phones are done cancelling
-        pair.on.wait_idle()
-        pair.off.wait_idle()
+        cancel = False
 
 
 def step(pair: Pair, stats: Stats, data: st.DataObject, convs: list[Conversation], stories: list[str],
