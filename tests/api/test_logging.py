@@ -41,34 +41,30 @@ class JsonLines:
 
 
 @contextlib.contextmanager
-def access_log() -> Iterator[JsonLines]:
-    """The access lines (``server.api.access``, info and up) as JSON, for the block."""
+def captured_log(name: str, level: int) -> Iterator[JsonLines]:
+    """Logger ``name``'s records (``level`` and up) as JSON lines, for the block."""
     logs = JsonLines()
     handler = make_handler("json", logs.stream)
-    access = logging.getLogger("server.api.access")
-    level = access.level
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
     try:
         yield logs
     finally:
-        access.removeHandler(handler)
-        access.setLevel(level)
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+
+
+def access_log() -> contextlib.AbstractContextManager[JsonLines]:
+    """The access lines (``server.api.access``, info and up) as JSON, for the block."""
+    return captured_log("server.api.access", logging.INFO)
 
 
 @pytest.fixture
 def json_logs() -> Iterator[JsonLines]:
-    logs = JsonLines()
-    handler = make_handler("json", logs.stream)
-    server_logger = logging.getLogger("server")
-    level = server_logger.level
-    server_logger.addHandler(handler)
-    server_logger.setLevel(logging.DEBUG)
-    try:
+    with captured_log("server", logging.DEBUG) as logs:
         yield logs
-    finally:
-        server_logger.removeHandler(handler)
-        server_logger.setLevel(level)
 
 
 def test_request_id_is_echoed_or_made_up(live: LiveServer) -> None:
