@@ -13,7 +13,9 @@ The chat structure of the context (Qwen3.5 template) steers the output:
 * otherwise (or after a tool response) a plain answer, ended by a stop id at ``stop_rate``.
 
 The caller owns limits: this generator yields ids forever unless it ends the turn by yielding a
-stop id (only ever one of the request's ``stop_ids``).
+stop id (only ever one of the request's ``stop_ids``). A request without stop ids (the host applies
+``ignore_eos`` / ``min_tokens`` itself) gets the end of turn as an ordinary token, ``<|im_end|>``,
+and the text goes on after it, as a model's does when nothing stops it.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ class TextModel:
         tool_call: bool | None,
         stop_rate: float,
         min_tokens: int,
+        answer: str | None = None,
     ) -> Iterator[int]:
         """What follows ``state``, the *whole* token sequence held when decoding starts.
 
@@ -142,7 +145,7 @@ class TextModel:
         """
         steering = steer(self.decode(state), think=think, tool_call=tool_call)
         rng = request_rng(self.text_bytes(state), temperature, seed)
-        return self.stream(steering, rng, stop_ids, stop_rate=stop_rate, min_tokens=min_tokens)
+        return self.stream(steering, rng, stop_ids, stop_rate=stop_rate, min_tokens=min_tokens, answer=answer)
 
     def stream(
         self,
@@ -152,9 +155,12 @@ class TextModel:
         *,
         stop_rate: float,
         min_tokens: int,
+        answer: str | None = None,
     ) -> Iterator[int]:
-        """Yield ids: reasoning, then a tool call or an answer, then (if any) a stop id."""
+        """Yield ids: reasoning, then a tool call or an answer (``answer`` verbatim when given), then
+        (if any) a stop id."""
         stop = _pick_stop(stop_ids)
+        end = IM_END_ID if stop is None else stop  # the end of turn, a stop or an ordinary token
         if steering.open_think:
             yield from self.encode("<think>\n")
         if steering.reason:
@@ -163,12 +169,16 @@ class TextModel:
             yield from self.encode("\n</think>\n\n")
         if steering.tool is not None:
             yield from self.encode(tool_call_text(steering.tool, rng))
-            if stop is not None:
-                yield stop
-        yield from self._answer(rng, stop, stop_rate=stop_rate, min_tokens=min_tokens, line_start=steering.line_start)
+            yield end
+        if answer is not None:
+            yield from self.encode(answer)
+            yield end
+        yield from self._answer(rng, end, stop_rate=stop_rate, min_tokens=min_tokens, line_start=steering.line_start,
+                                go_on=stop is None)
 
     def _answer(
-        self, rng: random.Random, stop: int | None, *, stop_rate: float, min_tokens: int, line_start: bool = False
+        self, rng: random.Random, end: int, *, stop_rate: float, min_tokens: int, line_start: bool = False,
+        go_on: bool = False,
     ) -> Iterator[int]:
         """Sentences until a natural end. A chat answer (``line_start``) starts without a space and a
         paragraph break is only written when another sentence follows, so that the reply has no
@@ -191,9 +201,10 @@ class TextModel:
             # Natural ends only at sentence ends; the chance matches a per-token rate.
             eligible = max(0, emitted - max(min_tokens, checked))
             checked = max(checked, emitted)
-            if stop is not None and eligible and rng.random() < 1 - (1 - stop_rate) ** eligible:
-                yield stop
-                return
+            if eligible and rng.random() < 1 - (1 - stop_rate) ** eligible:
+                yield end
+                if not go_on:  # ``end`` is a stop id: the turn is over
+                    return
 
     def _prose(self, rng: random.Random, sentences: int, opener: str) -> Iterator[int]:
         yield from self.encode(opener)
@@ -218,15 +229,17 @@ class TextModel:
 
 
 def tool_call_text(tool: dict, rng: random.Random) -> str:
-    """A Qwen3.5 tool call block for ``tool`` with plausible arguments from its JSON schema."""
-    fn = tool.get("function", tool)
+    """A Qwen3.5 tool call block for ``tool`` with plausible arguments from its JSON schema. Any JSON
+    gives a block: the tools are the client's, and the server checks only their outline."""
+    fn = _dict(tool.get("function", tool))
     name = str(fn.get("name", "tool"))
-    schema = fn.get("parameters") or {}
-    props = schema.get("properties") or {}
-    keys = list(schema.get("required") or []) or list(props)[:1]
+    schema = _dict(fn.get("parameters"))
+    props = _dict(schema.get("properties"))
+    required = schema.get("required")
+    keys = [str(k) for k in required] if isinstance(required, list) and required else list(props)[:1]
     lines = ["<tool_call>", f"<function={name}>"]
     for key in keys:
-        lines += [f"<parameter={key}>", _value(key, props.get(key) or {}, rng), "</parameter>"]
+        lines += [f"<parameter={key}>", _value(key, _dict(props.get(key)), rng), "</parameter>"]
     lines += ["</function>", "</tool_call>"]
     return "\n".join(lines)
 
@@ -240,9 +253,14 @@ _STRINGS = {"location": "Paris", "city": "Paris", "country": "France", "query": 
             "unit": "celsius", "language": "en", "date": "2026-01-01", "url": "https://example.com"}
 
 
+def _dict(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _value(key: str, schema: dict, rng: random.Random) -> str:
-    if schema.get("enum"):
-        return _render(schema["enum"][0])
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return _render(enum[0])
     kind = schema.get("type", "string")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "string")

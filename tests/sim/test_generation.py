@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from server.sim.generation import request_rng, steer, tool_call_text
 
@@ -45,6 +50,25 @@ def test_tool_call_values_follow_the_schema() -> None:
     params = dict(zip(lines[2:-2:3], lines[3:-2:3]))
     assert params["<parameter=city>"] == "Paris" and params["<parameter=nights>"].isdigit()
     assert params["<parameter=late>"] == "true" and params["<parameter=kind>"] == "suite"
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=12)
+SCHEMA_KEYS = st.sampled_from(["type", "properties", "required", "enum", "items"])
+
+
+@given(st.dictionaries(SCHEMA_KEYS, JSON, max_size=4), st.dictionaries(st.text(max_size=5), JSON, max_size=3), JSON)
+def test_any_tool_the_server_passes_gives_a_call_not_a_crash(parameters: dict[str, Any], properties: dict[str, Any],
+                                                            name: Any) -> None:
+    """The tools come from the client (the server checks only their outline): a schema with
+    ``properties: "x"`` crashed both simulated phones, one after the other (the pool's retry)."""
+    for params in (parameters, {**parameters, "properties": properties}):
+        for tool in ({"type": "function", "function": {"name": name, "parameters": params}},
+                     {"function": params}, {"name": "f", "parameters": params}):
+            json.dumps(tool)  # a tool as the prompt holds it
+            text = tool_call_text(tool, random.Random(0))
+            assert text.startswith("<tool_call>\n<function=") and text.endswith("</function>\n</tool_call>")
 
 
 def test_rng_is_a_function_of_context_when_greedy_or_seeded() -> None:

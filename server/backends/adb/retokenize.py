@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from tokenizers import Tokenizer, decoders
 
 from server.bytelevel import byte_decoder
+from server.memory import settle_heap
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -28,6 +29,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     (about half a second for Qwen3.5): call it in a worker thread."""
     tokenizer = Tokenizer.from_file(path)
     tokenizer.normalizer = None
+    settle_heap()  # the parse's peak out of the RSS (server/memory.py)
     return tokenizer
 
 

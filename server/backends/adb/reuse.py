@@ -18,20 +18,42 @@ No I/O: the session (session.py) asks a :class:`Tracker` for a :class:`Plan`, se
 * **Saves**: at most 2 per request, at the request's boundaries past the start point (shared ones
   first, then the latest); a boundary at the very end of P is saved one token earlier (see above:
   the same prompt again can then restore it). A boundary a slot already holds is not saved again.
-* **Slot replacement** (a prefix tree of saved states): an empty slot first; then a conversation's
-  slot that the new save extends (superseded by the conversation's later boundary); then the least
-  recently used leaf; a slot that other slots extend, or saved at a shared boundary (a system/tools
-  block), goes last.
+* **Slot replacement** (a prefix tree of saved states, valued by use): an empty slot first; then a
+  conversation's slot that the new save extends (superseded by the conversation's later boundary);
+  then, least recently used first, the leaves (a conversation's latest boundary: used when saved or
+  restored) and the shared prefixes (a system/tools block: used when saved or when a *new*
+  conversation starts from it); a slot that other slots extend without being shared goes last.
+  A shared prefix is thus kept while new conversations keep coming, and gives way when the phone's
+  slots are all needed by conversations that come back (a request that restores the shared prefix
+  only because its own slot was evicted does not count as a use of it).
+* **No thrashing**: when more conversations come back to a phone than it has slots, least recently
+  used replacement would evict exactly the conversation that comes next, every time (0 % reuse). A
+  request that lost its slot (its prompt extends a state the phone held before a save replaced it,
+  remembered as a *ghost*, the last :data:`GHOSTS`) may therefore only replace slots unused since its
+  own was last used, and not used within the last ``4 * (len(slots) + 1)`` requests (a shared prefix:
+  within the last ``len(slots)``): the conversations that kept their slots keep hitting, the others start from
+  the shared prefix, until it gives way to them, and a slot left by a conversation that ended is
+  reclaimed.
+* **Proven conversations**: that protection is for states that have shown they are reused: a leaf is
+  *proven* once restored (or held already by a request's boundary), or when a request that resumed
+  its conversation (restored its own state, continued the live one, or came back to a ghost) saved
+  it; a state a new conversation saved and nobody reused yet is not. A request whose conversation has
+  proven itself (its ghost was proven, or it comes back a second time without a slot) may replace an
+  unproven leaf however recent: a conversation that keeps coming back is not locked out by one-shot
+  requests that keep saving states nobody reuses (segmented LRU's probation; before, one such gap
+  locked it out until its ghost was forgotten, 32 replacements later).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from server.backends.base import Boundary
 
 MAX_SAVES = 2  # per request (device-protocol.md: `save` holds at most 2)
+GHOSTS = 32  # replaced states remembered per phone ("No thrashing")
 
 # a token's raw bytes; None for a special token: it matches only itself, never the text that spells it
 # (``<|im_end|>`` written as ordinary tokens is other input to the model than the special token)
@@ -45,7 +67,9 @@ class Slot:
 
     ids: Ids
     shared: bool = False  # saved at a shared boundary (a system/tools block)
-    used: int = 0  # the tracker's clock when last saved or restored (LRU)
+    # the tracker's clock when last saved or restored (for a shared slot: restored by a new conversation)
+    used: int = 0
+    proven: bool = False  # a leaf reused, or saved by a request that resumed its conversation ("Proven")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +102,7 @@ class Save:
     at: int
     ids: Ids
     shared: bool = False
+    proven: bool = False  # the slot starts proven (a leaf saved by a request that resumed its conversation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +117,13 @@ class Plan:
     saves: list[Save] = field(default_factory=list)
     touch: list[int] = field(default_factory=list)  # slots that already hold a boundary of the request
     known: bool = True
+    # the ghosts the prompt extends: states this phone held until a save replaced them ("No thrashing")
+    lost: tuple[Ids, ...] = ()
+
+    @property
+    def returning(self) -> bool:
+        """The request lost its slot to others (its prompt extends a ghost)."""
+        return bool(self.lost)
 
     @property
     def cached(self) -> int:
@@ -207,20 +239,37 @@ def plan_start(
 # --------------------------------------------------------------------------- saves
 
 
-def pick_slot(slots: Sequence[Slot | None], ids: Ids, exclude: Collection[int] = ()) -> int | None:
-    """The slot a save of ``ids`` replaces (see the module docstring), None if every slot is excluded."""
+@dataclass(frozen=True, slots=True)
+class Protect:
+    """Slots a save may not replace (empty and superseded ones it always may): leaves used after
+    ``leaves``, shared prefixes used after ``shared`` (clocks of the tracker); with ``proven_only``,
+    of the leaves only proven ones (the request's conversation has proven itself)."""
+
+    leaves: int
+    shared: int
+    proven_only: bool = False
+
+
+def pick_slot(
+    slots: Sequence[Slot | None], ids: Ids, exclude: Collection[int] = (), *, protect: Protect | None = None
+) -> int | None:
+    """The slot a save of ``ids`` replaces (see the module docstring), None if every slot is excluded
+    or protected."""
     best: tuple[int, int, int] | None = None
     for i, slot in enumerate(slots):
         if i in exclude:
             continue
         if slot is None:
             tier, used = 0, 0
-        elif slot.shared or any(o is not None and is_prefix(slot.ids, o.ids) for o in slots):
-            tier, used = 3, slot.used  # a shared prefix, or a node other slots extend: kept longest
-        elif is_prefix(slot.ids, ids):
+        elif not slot.shared and any(o is not None and is_prefix(slot.ids, o.ids) for o in slots):
+            tier, used = 3, slot.used  # a node other slots extend: kept longest
+        elif not slot.shared and is_prefix(slot.ids, ids):
             tier, used = 1, slot.used  # superseded by the conversation's later boundary
+        elif protect is not None and slot.used > (protect.shared if slot.shared else protect.leaves) and (
+                slot.shared or slot.proven or not protect.proven_only):
+            continue
         else:
-            tier, used = 2, slot.used
+            tier, used = 2, slot.used  # a leaf or a shared prefix, least recently used first
         key = (tier, used, i)
         if best is None or key < best:
             best = key
@@ -228,10 +277,17 @@ def pick_slot(slots: Sequence[Slot | None], ids: Ids, exclude: Collection[int] =
 
 
 def plan_saves(
-    prompt: Sequence[int], start: Start, boundaries: Sequence[Boundary], slots: Sequence[Slot | None]
+    prompt: Sequence[int],
+    start: Start,
+    boundaries: Sequence[Boundary],
+    slots: Sequence[Slot | None],
+    *,
+    protect: Protect | None = None,
+    proven: bool = False,
 ) -> tuple[list[Save], list[int]]:
     """Saves for a request that starts at ``start`` (at most :data:`MAX_SAVES`, in distinct slots),
-    and the slots that already hold one of its boundaries (to mark used)."""
+    and the slots that already hold one of its boundaries (to mark used); ``protect`` as for
+    :func:`pick_slot`; ``proven``: the request resumed its conversation (its leaves start proven)."""
     if not slots or not boundaries:
         return [], []
     wanted: dict[int, bool] = {}  # prompt position -> shared
@@ -250,10 +306,10 @@ def plan_saves(
             continue
         if len(saves) == MAX_SAVES:
             continue
-        slot = pick_slot(view, ids, exclude={s.slot for s in saves})
+        slot = pick_slot(view, ids, exclude={s.slot for s in saves}, protect=protect)
         if slot is None:
             continue
-        save = Save(slot, len(start.held) + at - start.covered, ids, wanted[at])
+        save = Save(slot, len(start.held) + at - start.covered, ids, wanted[at], proven and not wanted[at])
         saves.append(save)
         view[slot] = Slot(ids, save.shared)
     saves.sort(key=lambda s: s.at)
@@ -277,6 +333,9 @@ class Tracker:
         self.enabled = enabled
         self._clock = 0
         self._replaced: dict[int, Slot | None] = {}  # what the slots a request saves to held before it
+        # states the phone held in a slot until a save replaced them, with their last use and whether
+        # they were proven ("No thrashing", "Proven conversations")
+        self.ghosts: deque[tuple[Ids, int, bool]] = deque(maxlen=GHOSTS)
 
     def plan(
         self, prompt: Sequence[int], boundaries: Sequence[Boundary] = (), *, max_state: int | None = None
@@ -285,8 +344,23 @@ class Tracker:
         if not self.enabled:
             return Plan(RESET, list(prompt))
         start = plan_start(prompt, self.live, self.slots, text=self.text, max_state=max_state)
-        saves, touch = plan_saves(prompt, start, boundaries, self.slots)
-        return Plan(start, list(prompt[start.covered :]), saves, touch)
+        lost = [(g, at, proven) for g, at, proven in self.ghosts if len(g) > start.covered and is_prefix(g, prompt)]
+        protect = None
+        if lost:  # see "No thrashing"
+            since = max(at for _, at, _ in lost)
+            protect = Protect(
+                leaves=max(since, self._clock - 4 * (len(self.slots) + 1)),
+                shared=max(since, self._clock - len(self.slots)),
+                proven_only=any(proven for _, _, proven in lost),
+            )
+        view = list(self.slots)
+        i = start.restore
+        restored = None if i is None else view[i]
+        if i is not None and restored is not None and not (restored.shared and lost):  # used now (begin())
+            view[i] = Slot(restored.ids, restored.shared, self._clock + 1, restored.proven)
+        resumed = bool(lost) or start.kind == "continue" or (restored is not None and not restored.shared)
+        saves, touch = plan_saves(prompt, start, boundaries, view, protect=protect, proven=resumed)
+        return Plan(start, list(prompt[start.covered :]), saves, touch, lost=tuple(g for g, _, _ in lost))
 
     def raw(self, prompt: Sequence[int]) -> Plan:
         """A raw continuation (``GenerationParams.reset`` false): ``prompt`` on top of the live state."""
@@ -302,13 +376,20 @@ class Tracker:
 
     def begin(self, plan: Plan) -> None:
         """The request was sent: the live state is in flux until it ends, so are the slots it saves to;
-        the slot it restores and those holding its boundaries were used now."""
+        the slot it restores and those holding its boundaries were used now (a shared prefix: only
+        when a new conversation restores it)."""
         self._clock += 1
         self.live = None
-        for i in [*plan.touch, *([plan.start.restore] if plan.start.restore is not None else [])]:
+        for i in plan.touch:
             slot = self.slots[i]
-            if slot is not None:
-                slot.used = self._clock
+            if slot is not None and not slot.shared:
+                slot.used, slot.proven = self._clock, True
+        if plan.start.restore is not None:
+            slot = self.slots[plan.start.restore]
+            if slot is not None and not (slot.shared and plan.returning):
+                slot.used, slot.proven = self._clock, not slot.shared
+        if plan.lost:  # its conversation came back without a slot: the next time, it has proven itself
+            self.ghosts = deque(((g, at, proven or g in plan.lost) for g, at, proven in self.ghosts), maxlen=GHOSTS)
         self._replaced = {save.slot: self.slots[save.slot] for save in plan.saves}
         for save in plan.saves:
             self.slots[save.slot] = None
@@ -335,21 +416,27 @@ class Tracker:
                 continue
             written.add(slot)
             save = planned.get((slot, at))
-            self.slots[slot] = Slot(save.ids, save.shared, self._clock) if save is not None else None
+            self.slots[slot] = Slot(save.ids, save.shared, self._clock, save.proven) if save is not None else None
         for slot, old in replaced.items():
             if slot not in written and self.slots[slot] is None:
                 self.slots[slot] = old
+            elif old is not None and not old.shared and self.slots[slot] is not None:
+                new = self.slots[slot]
+                if new is not None and not is_prefix(old.ids, new.ids):
+                    self.ghosts.append((old.ids, old.used, old.proven))
 
     def forget(self) -> None:
         """The phone does not hold what the host thought: treat it as holding nothing at all."""
         self.live = None
         self.slots = [None] * len(self.slots)
         self._replaced = {}
+        self.ghosts.clear()
 
     def drop_checkpoints(self) -> None:
         """The runtime does not do the checkpoints it advertised: plan as for a v1 runtime from now on."""
         self.slots = []
         self._replaced = {}
+        self.ghosts.clear()
 
     def holding(self) -> Holding:
         return Holding(

@@ -13,6 +13,7 @@ from server.backends.adb.retokenize import load_tokenizer, token_bytes
 from server.backends.adb.reuse import (
     MAX_SAVES,
     Plan,
+    Protect,
     Slot,
     Start,
     Tracker,
@@ -239,47 +240,102 @@ def test_at_most_two_saves_shared_first_then_the_latest() -> None:
 # --------------------------------------------------------------------------- slot replacement
 
 
-def test_replacement_order_empty_superseded_lru_leaf_then_kept() -> None:
+def test_replacement_order_empty_superseded_then_least_recently_used() -> None:
     system = (1, 2, 3)
     conv_a1 = (*system, 10, 11)
     conv_b1 = (*system, 20, 21)
-    slots: list[Slot | None] = [Slot(system, shared=True, used=1), Slot(conv_a1, used=5), Slot(conv_b1, used=3),
+    slots: list[Slot | None] = [Slot(system, shared=True, used=4), Slot(conv_a1, used=5), Slot(conv_b1, used=3),
                                 None]
     conv_a2 = (*conv_a1, 12, 13)
     assert pick_slot(slots, conv_a2) == 3  # an empty slot first
     slots[3] = Slot((7, 8), used=9)
     assert pick_slot(slots, conv_a2) == 1  # then the conversation's own boundary it supersedes
-    assert pick_slot(slots, (5, 6)) == 2  # else the least recently used leaf
-    assert pick_slot(slots, (5, 6), exclude={1, 2, 3}) == 0  # the shared prefix only when nothing else
-    # shared is kept even where no other slot extends it
-    assert pick_slot([Slot((1, 2), shared=True, used=1), Slot((7, 8), used=5)], (9,)) == 1
-    # a node other slots extend is kept like a shared one, even though the new save supersedes it
+    assert pick_slot(slots, (5, 6)) == 2  # else the least recently used of leaves and shared prefixes
+    slots[0] = Slot(system, shared=True, used=2)  # a shared prefix no new conversation restored lately
+    assert pick_slot(slots, (5, 6)) == 0
+    assert pick_slot(slots, (*system, 30)) == 0  # although the new save extends it: shared is never superseded
+    # a node other slots extend (not shared) is kept longest, even though the new save supersedes it
     slots = [Slot(system, used=1), Slot(conv_a1, used=2)]
     assert pick_slot(slots, (*system, 30)) == 1
     assert pick_slot(slots, (*conv_a1, 40)) == 1
+    # a request that lost its slot replaces only slots unused since the clock it is given
+    slots = [Slot(system, shared=True, used=4), Slot(conv_a1, used=6), Slot(conv_b1, used=5)]
+    assert pick_slot(slots, (*system, 40), protect=Protect(leaves=4, shared=4)) == 0
+    assert pick_slot(slots, (*system, 40), protect=Protect(leaves=5, shared=3)) == 2
+    assert pick_slot(slots, (*system, 40), protect=Protect(leaves=3, shared=3)) is None
+    assert pick_slot(slots, conv_a2, protect=Protect(leaves=3, shared=3)) == 1  # superseded: always replaceable
+
+
+def converse(tracker: Tracker, order: list[int], system: list[int]) -> tuple[int, int, list[int]]:
+    """Conversations over one system prompt, one turn each in ``order`` on one phone (the reply
+    re-rendered without the think block of the generation prompt, as the model's template does): the
+    prompt tokens processed, the prompt tokens, and each request's cached tokens."""
+    convs: dict[int, list[int]] = {}
+    processed = total = 0
+    cached: list[int] = []
+    for turn, c in enumerate(order):
+        history = convs.setdefault(c, list(system))
+        history += [2000 + c, 3000 + turn, 3000 + turn, 4]  # a user message
+        prompt = [*history, 5, 6]  # the generation prompt, think block included
+        plan = tracker.plan(prompt, [Boundary(len(system), shared=True), Boundary(len(history))])
+        processed += len(plan.send)
+        total += len(prompt)
+        cached.append(plan.cached)
+        tracker.begin(plan)
+        reply = [5000 + turn, 5001 + turn]
+        tracker.finish(plan, reply, [(s.slot, s.at) for s in plan.saves])
+        history += [5, *reply, 7]
+    return processed, total, cached
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(n_slots=st.integers(2, 5), n_convs=st.integers(2, 12), rounds=st.integers(3, 6))
+def test_conversations_coming_back_in_turn_keep_their_slots_instead_of_evicting_each_other(
+    n_slots: int, n_convs: int, rounds: int
+) -> None:
+    """The thrash of least-recently-used replacement: n conversations coming back in turn to a phone
+    with fewer slots than they need, each save evicting exactly the conversation that comes next. Here
+    at least min(n, slots) - 1 conversations keep their own slot, turn after turn (up to the
+    protection window of 4 x (slots + 1) requests)."""
+    system = list(range(1000, 1040))
+    order = [c for _ in range(rounds) for c in range(n_convs)]
+    _, _, cached = converse(Tracker(n_slots), order, system)
+    last_round = cached[-n_convs:]
+    own = sum(1 for k in last_round if k > len(system))
+    assert own >= min(n_convs, n_slots) - 1, (n_slots, n_convs, last_round)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(n_slots=st.integers(2, 4), n_convs=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
-def test_a_shared_system_prefix_outlives_conversation_boundaries(n_slots: int, n_convs: int, seed: int) -> None:
-    """Many conversations over one system prompt, turns in random order: once saved, the shared system
-    slot is never evicted (a conversation's own boundary always goes first), and a conversation's next
-    turn restores at least the system prompt."""
+def test_a_shared_system_prefix_stays_while_new_conversations_keep_coming(n_slots: int, n_convs: int, seed: int) -> None:
+    """Returning conversations in random order, and a new conversation every other request: every new
+    conversation after the first restores at least the system prompt (the shared prefix outlives the
+    conversations' boundaries, which new conversations keep pushing out)."""
     rnd = random.Random(seed)
     system = list(range(1000, 1040))
-    convs: list[list[int]] = [list(system) for _ in range(n_convs)]
-    tracker = Tracker(n_slots)
-    for turn in range(25):
-        c = rnd.randrange(n_convs)
-        convs[c] += [2000 + c, 3000 + turn, 4000 + turn]  # a user message
-        prompt = [*convs[c], 1]  # the generation prompt (the last message boundary is before it)
-        plan = tracker.plan(prompt, [Boundary(len(system), shared=True), Boundary(len(prompt) - 1)])
-        if turn:
-            assert plan.cached >= len(system)
-        tracker.begin(plan)
-        tracker.finish(plan, [5000 + turn], [(s.slot, s.at) for s in plan.saves])
-        assert any(s is not None and s.ids == tuple(system) for s in tracker.slots)
-        convs[c] += [5000 + turn]  # the reply, re-rendered as it was generated
+    order: list[int] = []
+    newcomer = 100
+    for i in range(30):
+        if i % 2:
+            order.append(newcomer)
+            newcomer += 1
+        else:
+            order.append(rnd.randrange(n_convs))
+    _, _, cached = converse(Tracker(n_slots), order, system)
+    firsts = [k for c, k in zip(order, cached, strict=True) if c >= 100]
+    assert all(k >= len(system) for k in firsts[1:]), firsts
+
+
+def test_the_shared_prefix_gives_way_to_the_conversations_that_come_back() -> None:
+    """Four conversations on a phone with four slots (benchmarks/state_reuse.py (c)): the system
+    prompt serves the first turns, then the slots go to the conversations: from the fourth round on,
+    every turn restores its own history."""
+    system = list(range(1000, 1040))
+    order = [c for _ in range(6) for c in range(4)]
+    processed, total, cached = converse(Tracker(4), order, system)
+    assert all(k > len(system) for k in cached[12:]), cached
+    # least recently used replacement with the shared prefix kept reused only the system prompt
+    assert processed < 0.4 * total
 
 
 # --------------------------------------------------------------------------- bookkeeping vs the phone
@@ -294,7 +350,9 @@ def test_only_saves_the_phone_reports_count_and_unwritten_slots_keep_their_state
     tracker.begin(plan)
     assert tracker.slots[:2] == [None, None] and tracker.reusable([1, 2, 3]) == 0  # in flux
     tracker.finish(plan, None, [(1, 3), (2, 4)])  # cancelled after one save; slot 2: not asked for
-    assert tracker.slots == [Slot((1, 2), used=1), Slot((1, 2, 3), used=1), None] and tracker.live is None
+    # both proven: slot 0 restored, slot 1 saved by a request that resumed from it
+    assert tracker.slots == [Slot((1, 2), used=1, proven=True), Slot((1, 2, 3), used=1, proven=True), None]
+    assert tracker.live is None
     plan = tracker.plan([1, 2, 3, 4, 5, 6], [Boundary(5)])
     tracker.begin(plan)
     tracker.finish(plan, [9], None)  # no `done` (an error): whether it saved is unknown
