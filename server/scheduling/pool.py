@@ -58,6 +58,7 @@ from server.backends.base import (
     Finished,
     GenerationParams,
     ModelInfo,
+    PhoneCondition,
     PhoneHealth,
     PhoneState,
     Tokens,
@@ -71,6 +72,7 @@ from server.scheduling.routing import (
     Route,
     Router,
     RouteRequest,
+    ThermalAware,
     WaitFor,
 )
 
@@ -115,6 +117,11 @@ class PoolPhone(Protocol):
     @property
     def prefill_ms_per_token(self) -> float | None:
         """Its measured cost of one prompt token (None: not measured yet)."""
+        ...
+
+    @property
+    def condition(self) -> PhoneCondition:
+        """Its latest health reading as routing weighs it (thermal status, temperature, drained)."""
         ...
 
 
@@ -225,6 +232,7 @@ class PhonePool(Backend):
         self._recheck_at: float | None = None  # time.monotonic() of that deadline
         self._service_s: dict[str, float] = {}  # model -> moving average of a request's phone time
         self._served: set[str] = set()  # models a phone has served (ready or busy) since the start
+        self._watchers: list[Callable[[], None]] = []  # told of every phone or queue change (watch())
         self._source = source(self.phone_changed)
 
     async def start(self) -> None:
@@ -272,8 +280,10 @@ class PhonePool(Backend):
         prompt = len(request.prompt_ids)
         reusable = min(max(phone.reusable(request.prompt_ids), 0), prompt) if prompt else 0
         own = phone.prefill_ms_per_token
+        health = phone.condition
         return PhoneView(key, phone.state, leased, self._idle_since.get(key, 0.0), reusable, wait,
-                         peers_ms if own is None else own)
+                         peers_ms if own is None else own, health.thermal_status, health.temperature_c,
+                         health.drained)
 
     def _peers_prefill_ms(self, keys: Iterable[str]) -> float | None:
         """The median cost per prompt token of the phones that measured one: what a phone that has not
@@ -300,39 +310,100 @@ class PhonePool(Backend):
                 self._fail_all(model, queue)
                 continue
             self._route(model, queue)
+        self._announce()
 
-    def _offers(self, model: str, waiters: Iterable[_Waiter], now: float) -> Iterator[tuple[_Waiter, Route]]:
+    def watch(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Calls ``listener()`` (on the event loop) after every change of a phone's state and every
+        move of a queue (a request queued, granted a phone or handed one back); returns the call that
+        stops it. Listeners must be quick (the console's event stream only flags a refresh)."""
+        self._watchers.append(listener)
+
+        def stop() -> None:
+            if listener in self._watchers:
+                self._watchers.remove(listener)
+
+        return stop
+
+    def _announce(self) -> None:
+        for listener in list(self._watchers):
+            try:
+                listener()
+            except Exception:
+                logger.exception("pool watcher failed")
+
+    def _offers(
+        self, model: str, waiters: Iterable[_Waiter], now: float
+    ) -> Iterator[tuple[_Waiter, Route, float | None]]:
         """One round of routing: the waiters, oldest first, each with its router's answer, as long as
-        a phone of the model is free. A phone named for one waiter is leased for the next ones, and a
-        busy phone one chose to wait for is one request further away for the ones behind it. Reads only:
+        a phone of the model is free, and for a wait the time by which to ask again
+        (:meth:`_reask_by`). A phone named for one waiter is leased for the next ones, and a busy phone
+        one chose to wait for is one request further away for the ones behind it. Reads only:
         :meth:`_route` grants what it names, :meth:`audit` checks that it names nothing."""
         phones = self._phones()
         keys = self._of_model(model, _SERVING)
         named: set[str] = set()
         ahead: collections.Counter[str] = collections.Counter()
         peers_ms = self._peers_prefill_ms(keys)
-        for waiter in waiters:
+        queued = list(waiters)
+        # the others count while they are queued: one whose wait ended (a timeout, a cancel) until it
+        # leaves the queue (_withdraw), which routes again; so what a router sees changes only where
+        # the pool routes again, and the audit asks what dispatching would
+        others = len(queued) - 1
+        for waiter in queued:
             if not any(self._free(k, phones[k], named) for k in keys):
                 return
             if waiter.future.done():
                 continue
-            views = [self._view(k, phones[k], waiter.request, named=k in named, ahead=ahead[k], now=now,
+            held_since = waiter.request.held_since
+            # held back in this round, if at all: from the round's time
+            request = dataclasses.replace(waiter.request, others_waiting=others, now=now,
+                                          held_since=now if held_since is None else held_since)
+            views = [self._view(k, phones[k], request, named=k in named, ahead=ahead[k], now=now,
                                 peers_ms=peers_ms) for k in keys]
-            choice = self._router.choose(waiter.request, views)
+            choice = self._router.choose(request, views)
+            reask = None
             if isinstance(choice, WaitFor):
+                reask = self._reask_by(model, choice, views, ahead, now)
                 ahead[choice.key] += 1
             elif choice is not None:
                 named.add(choice)
-            yield waiter, choice
+            yield waiter, choice, reask
+
+    def _reask_by(self, model: str, choice: WaitFor, views: Sequence[PhoneView],
+                  ahead: collections.Counter[str], now: float) -> float:
+        """When to route again a request that chose to wait (``choice``; ``views``: the phones as it
+        saw them, ``ahead``: the waiters of the round before it, per phone): by its deadline, or
+        earlier, the first time a busy phone it could wait for can no longer come by the deadline. A
+        busy phone's expected wait (:meth:`_view`) shrinks as its request runs, until that request
+        overruns: from then on it is ``REMAINING_FLOOR`` of an average request (plus one per waiter
+        ahead), and its end moves later with the clock; a router that waits only for a phone expected
+        by the deadline (``PrefixAware``) changes its mind then, not at the deadline."""
+        service = self._service_s.get(model)
+        if service is None:
+            return choice.until
+        slides = [choice.until - (REMAINING_FLOOR + ahead[v.key]) * service
+                  for v in views if not v.free and v.wait_s is not None and now + v.wait_s <= choice.until]
+        return min((t for t in slides if now < t < choice.until), default=choice.until)
 
     def _route(self, model: str, queue: collections.deque[_Waiter]) -> None:
         """Offers the free phones to the waiters, oldest first; grants what the router names, and asks
-        again by the deadline of a wait it chose instead."""
-        for waiter, choice in list(self._offers(model, queue, time.monotonic())):
-            if isinstance(choice, WaitFor):
-                self._recheck_by(choice.until)
-            elif choice is not None:
-                self._grant(queue, waiter, choice)
+        again by the deadline of a wait it chose instead. A grant changes the queue the others weighed
+        (``others_waiting``): rounds repeat until one grants nothing, so that no waiter that chose to
+        wait while a granted one was still queued is left beside a free phone it would now take."""
+        now = time.monotonic()
+        again = True
+        while again:  # only a choice to wait can change with the queue: again if one met a grant
+            granted = waited = False
+            for waiter, choice, reask in list(self._offers(model, queue, now)):
+                if isinstance(choice, WaitFor):
+                    if waiter.request.held_since is None:  # its deliberate wait is bounded from now
+                        waiter.request = dataclasses.replace(waiter.request, held_since=now)
+                    self._recheck_by(choice.until if reask is None else reask)
+                    waited = True
+                elif choice is not None:
+                    self._grant(queue, waiter, choice)
+                    granted = True
+            again = granted and waited  # each round but the last grants a phone: bounded by the free phones
 
     def _grant(self, queue: collections.deque[_Waiter], waiter: _Waiter, key: str) -> None:
         queue.remove(waiter)
@@ -387,7 +458,9 @@ class PhonePool(Backend):
             if front or model in self._served:  # it was served: its phones may come back
                 raise self._no_phone(model)
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
-        request = RouteRequest(params.request_id, model, exclude, time.monotonic(), params.prompt_ids)
+        now = time.monotonic()  # a deliberate wait ends by half the queue timeout (read again by _wait below)
+        request = RouteRequest(params.request_id, model, exclude, now, params.prompt_ids,
+                               wait_until=now + self._settings.queue_timeout_s / 2)
         waiter = _Waiter(request, asyncio.get_running_loop().create_future())
         queue = self._queues[model]
         if front:  # a retry: it waited its turn already
@@ -410,13 +483,14 @@ class PhonePool(Backend):
 
     def _take_a_free_phone(self, queue: collections.deque[_Waiter], waiter: _Waiter) -> None:
         """Grants the waiter the free phone its router names when it may not wait for a busy one."""
-        impatient = dataclasses.replace(waiter.request, patient=False)
         phones, keys, now = self._phones(), self._of_model(waiter.model, _SERVING), time.monotonic()
+        impatient = dataclasses.replace(waiter.request, patient=False, now=now)
         peers_ms = self._peers_prefill_ms(keys)
         views = [self._view(k, phones[k], impatient, now=now, peers_ms=peers_ms) for k in keys]
         choice = self._router.choose(impatient, views)
         if isinstance(choice, str):
             self._grant(queue, waiter, choice)
+            self._dispatch()  # one fewer waiting: what the others weighed changed
 
     def _withdraw(self, waiter: _Waiter) -> None:
         """The waiter leaves without claiming a phone: out of the queue, and a phone granted to it
@@ -431,6 +505,7 @@ class PhonePool(Backend):
         future.cancel()
         with contextlib.suppress(ValueError):
             self._queues[waiter.model].remove(waiter)
+            self._dispatch()  # the others weighed its wait (``others_waiting``): route them again
 
     async def _wait(self, waiter: _Waiter) -> str:
         """The key granted to the waiter; NoPhoneAvailable after the queue timeout."""
@@ -473,6 +548,7 @@ class PhonePool(Backend):
     def _observe_service(self, model: str, seconds: float) -> None:
         old = self._service_s.get(model)
         self._service_s[model] = seconds if old is None else old + SERVICE_EWMA * (seconds - old)
+        self._dispatch()  # every busy phone's expected wait changed with it: a wait chosen on it may not hold
 
     # -- Backend contract ---------------------------------------------------------------------
 
@@ -538,6 +614,11 @@ class PhonePool(Backend):
         queues = [self._queues[model]] if model else list(self._queues.values())
         return sum(1 for q in queues for w in q if not w.future.done())
 
+    def queue_wait_s(self, model: str) -> float:
+        """How long the oldest request still waiting for a phone of ``model`` has waited (0: none)."""
+        enqueued = [w.request.enqueued for w in self._queues.get(model, ()) if not w.future.done()]
+        return max(0.0, time.monotonic() - min(enqueued)) if enqueued else 0.0
+
     def running(self) -> int:
         """Requests on a phone right now."""
         return len(self._running)
@@ -554,9 +635,14 @@ class PhonePool(Backend):
           has not woken up yet (so at rest, leases held == requests running);
         * every running request holds the lease of its phone;
         * no request waits while an idle phone it may use is free, unless its router chose to wait for a
-          busy phone (``WaitFor``) and the pool will ask again by the deadline the router named (or that
-          deadline has just passed and its recheck is due). The routing round is the pool's own
-          (:meth:`_offers`), so the audit asks the router exactly what dispatching would.
+          busy phone (``WaitFor``) and the pool will ask again by the time that choice may change
+          (:meth:`_reask_by`: the deadline the router named, or earlier when a busy phone it could wait
+          for can no longer come by then), or that time has just passed and its recheck is due. The
+          routing round is the pool's own (:meth:`_offers`, for the same moment: ``RouteRequest.now``),
+          so the audit asks the router exactly what dispatching would. (Not foreseen: while a busy
+          phone's request runs its expected wait shrinks, an older waiter may move to it and a younger
+          one then see its phones further away; the storm of tests/scheduling/test_pool_leases.py has
+          not met it since, and such a request gets its phone at the next recheck or event.)
         """
         problems: list[str] = []
         for key, rid in self._leased.items():
@@ -576,11 +662,13 @@ class PhonePool(Backend):
         now = time.monotonic()
         recheck = self._pending_recheck()
         for model, queue in self._queues.items():
-            for waiter, choice in self._offers(model, queue, now):
+            for waiter, choice, reask in self._offers(model, queue, now):
                 if isinstance(choice, WaitFor):
-                    if recheck is None or recheck > choice.until:
+                    if recheck is None or recheck > (choice.until if reask is None else reask):
                         problems.append(f"{waiter.request_id} waits for busy phone {choice.key} beside a "
-                                        "free one, and nothing asks again by its deadline")
+                                        f"free one, and nothing asks again by its deadline ({choice.until:.3f}; "
+                                        f"now {now:.3f}, held back since {waiter.request.held_since}, "
+                                        f"next routing round {recheck})")
                 elif choice is not None and (recheck is None or recheck > now):
                     problems.append(f"phone {choice} is idle while {waiter.request_id}, which may use it, "
                                     "waits")
@@ -599,10 +687,13 @@ class PhonePool(Backend):
 
 def default_router(settings: Settings) -> Router:
     """``PrefixAware`` with ``state_reuse on`` (its wait for a busy phone at most ``route_wait_max_s``
-    and half the queue timeout, so that a deliberate wait never ends in a 503), ``IdleLongest`` off."""
-    if settings.state_reuse == "off":
-        return IdleLongest()
-    return PrefixAware(min(settings.route_wait_max_s, settings.queue_timeout_s / 2))
+    and half the queue timeout, so that a deliberate wait never ends in a 503), ``IdleLongest`` off;
+    inside ``ThermalAware`` with ``thermal_routing on`` (drained phones hidden, cooler ones first)."""
+    inner: Router = IdleLongest() if settings.state_reuse == "off" else PrefixAware(
+        min(settings.route_wait_max_s, settings.queue_timeout_s / 2))
+    if settings.thermal_routing == "on":
+        return ThermalAware(inner, margin_c=settings.thermal_prefer_margin_c)
+    return inner
 
 
 async def build_backend(settings: Settings) -> PhonePool:

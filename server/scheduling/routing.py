@@ -19,6 +19,8 @@ thermal-aware routing, for instance.
 * :class:`PrefixAware`: the lowest expected time to first token, counting what each phone would
   reuse of the prompt, and waiting (bounded) for a busy phone when that is faster
   (docs/state-reuse.md, "Routing"); the pool's policy with ``state_reuse on``.
+* :class:`ThermalAware`: around either one, with ``thermal_routing on``: drained phones (too hot, low
+  battery) are hidden and, of the free phones, only the coolest shown (docs/capacity.md).
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ class RouteRequest:
     # it may wait for a busy phone while a free one it may use is there; the pool says False when its
     # queue is full: a request the queue cannot hold takes a free phone at once or is refused
     patient: bool = True
+    # time.monotonic() when a router first chose a busy phone for it over a free one (WaitFor); while it
+    # never was, the pool passes the time of the routing round (None: now). A deliberate wait is
+    # bounded from then, however long the queue took before
+    held_since: float | None = None
+    # requests of its model waiting for a phone besides it: under such load a phone's time is everyone's
+    others_waiting: int = 0
+    # time.monotonic() by which any deliberate wait ends, however recently it began: half its queue
+    # timeout after it joined the queue, so that waiting by choice never ends in a queue timeout (None:
+    # no such bound)
+    wait_until: float | None = None
+    # time.monotonic() of the routing round, the time the views were made for (phones' waits): a router
+    # decides for that moment, as the pool's audit asks it again (None: the router's own clock)
+    now: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +79,11 @@ class PhoneView:
     # None when the pool cannot tell (no request of the model finished yet, a phone busy outside a lease)
     wait_s: float | None = 0.0
     prefill_ms_per_token: float | None = None  # its measured cost of one prompt token; None: not measured
+    # its health (server/backends/adb/telemetry.py): Android's thermal status 0-6 and its temperature
+    # (None: unknown), and why it gets no new requests ("thermal", "battery"; None: it gets them)
+    thermal_status: int | None = None
+    temperature_c: float | None = None
+    drained: str | None = None
 
     @property
     def free(self) -> bool:
@@ -110,12 +130,23 @@ class IdleLongest:
 class PrefixAware:
     """The phone with the lowest expected time to first token: its wait (0 when free) plus the prompt
     tokens it would process (the prompt less what it would reuse) times its cost per prompt token
-    (measured, else ``prefill_ms_per_token``). Of equals, the free phone idle longest (then the pool's
-    order), so that requests with nothing to reuse spread over the phones as with :class:`IdleLongest`.
+    (measured, else ``prefill_ms_per_token``). Free phones within :data:`EQUAL_WITHIN` of the fastest
+    count as equals (measured costs of like phones differ by noise), and of equals the free phone idle
+    longest wins (then the pool's order), so that requests with nothing to reuse spread over the
+    phones as with :class:`IdleLongest`.
 
-    A busy phone wins only when it is strictly faster than the best free phone and its expected wait
-    ends within ``wait_max_s`` of the request joining the queue; the request then waits for it
-    (:class:`WaitFor`) until that deadline at the latest, and takes the best free phone after it.
+    Under load (``RouteRequest.others_waiting``) each phone is weighed at its expected time to first
+    token plus the prompt processing it would spend beyond the least any phone needs, times the
+    requests waiting per phone: a free phone that would process the whole prompt again costs that
+    time to each request behind it (and, in a busy farm, to the conversations whose state it holds),
+    so a request rather waits, bounded, for the phone holding its conversation. Alone in the queue, a
+    request weighs its own time only.
+
+    A busy phone wins only when it is faster than the best free phone by more than that margin and
+    its expected wait ends within ``wait_max_s`` of the first time the request was held back for a
+    busy phone (``RouteRequest.held_since``; now, the first time), and by ``RouteRequest.wait_until``
+    (half its queue timeout); the request then waits for it (:class:`WaitFor`) until that deadline at
+    the latest, and takes the best free phone after it.
     Waiting never starves anyone: the pool keeps asking oldest first, later requests take free phones
     meanwhile, and a wait the pool counts ahead makes a busy phone slower for the requests behind it,
     so that many conversations at once spread over the phones instead of queueing for one. A phone
@@ -132,37 +163,104 @@ class PrefixAware:
         self.prefill_ms_per_token = prefill_ms_per_token
         self._clock = clock
 
-    def expected_ttft_s(self, request: RouteRequest, phone: PhoneView) -> float | None:
-        """Seconds until this request's first token on ``phone`` (None: its wait is unknown)."""
-        wait = 0.0 if phone.free else phone.wait_s
-        if wait is None:
-            return None
+    def prompt_s(self, request: RouteRequest, phone: PhoneView) -> float:
+        """Seconds ``phone`` would spend on this request's prompt (what it would not reuse)."""
         prompt = len(request.prompt_ids)
         todo = prompt - min(max(phone.reusable, 0), prompt)
         ms = phone.prefill_ms_per_token
         if ms is None:
             ms = self.prefill_ms_per_token
-        return wait + todo * ms / 1000.0
+        return todo * ms / 1000.0
+
+    def expected_ttft_s(self, request: RouteRequest, phone: PhoneView) -> float | None:
+        """Seconds until this request's first token on ``phone`` (None: its wait is unknown)."""
+        wait = 0.0 if phone.free else phone.wait_s
+        if wait is None:
+            return None
+        return wait + self.prompt_s(request, phone)
+
+    def cost_s(self, request: RouteRequest, phone: PhoneView, least_prompt_s: float, phones: int) -> float | None:
+        """What the choice weighs: the expected time to first token, plus, while other requests wait
+        (``others_waiting``), the prompt processing it would cost beyond the least any phone needs
+        (``least_prompt_s``) once for each request waiting per phone (of ``phones``): the time those
+        behind it would wait for it, so that the choice keeps the sum of everyone's waits low."""
+        ttft = self.expected_ttft_s(request, phone)
+        if ttft is None or not request.others_waiting:
+            return ttft
+        return ttft + (self.prompt_s(request, phone) - least_prompt_s) * request.others_waiting / max(1, phones)
 
     def choose(self, request: RouteRequest, phones: Sequence[PhoneView]) -> Route:
         usable = [p for p in phones if _may_use(request, p, phones)]
-        free = [(self.expected_ttft_s(request, p) or 0.0, p.idle_since, p) for p in usable if p.free]
-        if not free:
+        if not any(p.free for p in usable):
             return None
-        best_s, _, best = min(free, key=lambda c: (c[0], c[1]))  # the first of equals: the pool's order
-        deadline = request.enqueued + self.wait_max_s
-        now = self._clock()
+        least = min(self.prompt_s(request, p) for p in usable)
+        free = [(self.cost_s(request, p, least, len(phones)) or 0.0, p) for p in usable if p.free]
+        fastest = min(ttft for ttft, _ in free)
+        equals = [(ttft, p) for ttft, p in free if _equal(ttft, fastest)]
+        best_s, best = min(equals, key=lambda c: c[1].idle_since)  # the first of equals: the pool's order
+        now = self._clock() if request.now is None else request.now
+        deadline = (now if request.held_since is None else request.held_since) + self.wait_max_s
+        if request.wait_until is not None:
+            deadline = min(deadline, request.wait_until)
         if request.patient and now < deadline:
             faster = [
                 (ttft, p)
                 for p in usable
                 if not p.free and p.wait_s is not None and now + p.wait_s <= deadline
-                and (ttft := self.expected_ttft_s(request, p)) is not None and ttft < best_s
+                and (ttft := self.cost_s(request, p, least, len(phones))) is not None and not _equal(best_s, ttft)
+                and ttft < best_s
             ]
             if faster:
                 return WaitFor(min(faster, key=lambda c: c[0])[1].key, deadline)
         return best.key
 
 
+EQUAL_WITHIN = 0.1  # expected times to first token this close (relative) count as equal
+
+
+def _equal(a: float, b: float) -> bool:
+    return abs(a - b) <= EQUAL_WITHIN * max(a, b)
+
+
 def _may_use(request: RouteRequest, phone: PhoneView, phones: Sequence[PhoneView]) -> bool:
     return phone.key not in request.avoid or all(p.key in request.avoid for p in phones)
+
+
+class ThermalAware:
+    """Thermal-aware scheduling around another policy (``inner``; docs/capacity.md, "Phone health").
+
+    * A drained phone (``PhoneView.drained``: too hot, or low on battery while not charging) is hidden
+      from the inner policy: it gets no new request, and no request waits for it. Requests running on
+      it finish. When the only phones a request has not failed on are drained, it may go back to one
+      it failed on rather than to a drained one.
+    * Of the free phones the request may use, one is passed over when another is cooler (a lower
+      thermal status, or the same and more than ``margin_c`` degrees cooler) and would reuse as much
+      of the prompt: cooler phones first, but never at the price of a prefix a warmer phone holds
+      (state reuse). A phone without a reading counts as status NONE and is never passed over for its
+      degrees (nothing is known against it). Busy phones are shown as they are (the inner policy may
+      wait for one).
+
+    The inner policy chooses among what is left. Holds no state: the drain decision and its
+    hysteresis are the phone's (server/backends/adb/telemetry.py), read from the views."""
+
+    def __init__(self, inner: Router, *, margin_c: float = 2.0) -> None:
+        self.inner = inner
+        self.margin_c = margin_c
+
+    def choose(self, request: RouteRequest, phones: Sequence[PhoneView]) -> Route:
+        serving = [p for p in phones if p.drained is None]
+        free = [p for p in serving if p.free and _may_use(request, p, serving)]
+        passed_over = {p.key for p in free if any(q.reusable >= p.reusable and self.cooler(q, p) for q in free)}
+        return self.inner.choose(request, [p for p in serving if p.key not in passed_over])
+
+    def cooler(self, a: PhoneView, b: PhoneView) -> bool:
+        """Whether ``a`` runs cooler than ``b``: a lower thermal status, or the same and more than
+        ``margin_c`` degrees cooler (an unknown status counts as NONE; unknown degrees never compare)."""
+        if _status(a) != _status(b):
+            return _status(a) < _status(b)
+        return a.temperature_c is not None and b.temperature_c is not None and (
+            b.temperature_c > a.temperature_c + self.margin_c)
+
+
+def _status(phone: PhoneView) -> int:
+    return phone.thermal_status if phone.thermal_status is not None else 0

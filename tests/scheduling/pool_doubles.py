@@ -17,6 +17,7 @@ from server.backends.base import (
     Finished,
     GenerationParams,
     ModelInfo,
+    PhoneCondition,
     PhoneHealth,
     PhoneState,
     Started,
@@ -55,6 +56,7 @@ class DoublePhone(Backend):
     in_flight: str | None = None  # the request on the phone
     holds: list[Sequence[int]] = field(default_factory=list)  # what it would reuse (prefixes of prompts)
     prefill_ms_per_token: float | None = None
+    condition: PhoneCondition = field(default_factory=PhoneCondition)  # its health, as routing weighs it
     _gate: asyncio.Event = field(default_factory=asyncio.Event)
 
     def set_state(self, state: PhoneState) -> None:
@@ -137,6 +139,8 @@ def make_pool(
     n: int = 2, *, router: Router | None = None, **settings: object
 ) -> tuple[PhonePool, dict[str, DoublePhone]]:
     source = DoubleSource()
+    # the doubles report no health: their pools route without the thermal layer unless a test asks for it
+    settings = {"thermal_routing": "off", **settings}
     pool = PhonePool(Settings(sim=0, **settings), lambda _changed: source, router=router)  # type: ignore[arg-type]
     for i in range(n):
         source.phones[f"p{i}"] = DoublePhone(f"p{i}", pool)

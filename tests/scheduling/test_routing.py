@@ -5,18 +5,20 @@ The prefix-aware policy with the pool and its doubles: test_pool_prefix.py."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from server.backends.base import PhoneState
 from server.errors import NoPhoneAvailable
 from server.scheduling.routing import (
     DEFAULT_PREFILL_MS_PER_TOKEN,
+    EQUAL_WITHIN,
     IdleLongest,
     PhoneView,
     PrefixAware,
@@ -169,8 +171,9 @@ def prefix_aware(wait_max_s: float = 5.0, clock: Clock | None = None) -> PrefixA
 
 
 def asking(rid: str = "r", *, enqueued: float = 0.0, avoid: Sequence[str] = (), patient: bool = True,
-           prompt: Sequence[int] = PROMPT) -> RouteRequest:
-    return RouteRequest(rid, "m", frozenset(avoid), enqueued, prompt, patient)
+           prompt: Sequence[int] = PROMPT, held_since: float | None = None,
+           wait_until: float | None = None) -> RouteRequest:
+    return RouteRequest(rid, "m", frozenset(avoid), enqueued, prompt, patient, held_since, wait_until=wait_until)
 
 
 def phone(key: str, *, busy: bool = False, reusable: int = 0, wait_s: float | None = 0.0,
@@ -191,9 +194,32 @@ def test_the_phone_that_would_process_fewest_tokens_wins_at_its_own_measured_cos
     phones = [phone("slow", reusable=50, ms=30.0), phone("fast", ms=1.0)]
     assert prefix_aware().choose(asking(), phones) == "fast"
     # a phone that has not measured its cost is taken at the default one
-    phones = [phone("unmeasured", reusable=10), phone("measured", ms=MS * 0.85)]
+    phones = [phone("unmeasured", reusable=10), phone("measured", ms=MS * 0.7)]
     assert prefix_aware().choose(asking(), phones) == "measured"
-    assert prefix_aware().choose(asking(), [phone("unmeasured", reusable=20), phones[1]]) == "unmeasured"
+    assert prefix_aware().choose(asking(), [phone("unmeasured", reusable=45), phones[1]]) == "unmeasured"
+
+
+def test_under_load_a_request_waits_for_its_conversation_rather_than_cost_a_free_phone_its_whole_prompt() -> None:
+    """300 prompt tokens: 9.2 s on the free phone; 30 on the busy phone that holds the other 270, 8.5 s
+    away (9.4 s: not faster). Alone in the queue the request takes the free phone; with others
+    waiting, the free phone also costs them the 8.3 s of phone time beyond the 0.9 s the busy phone
+    needs, and the request waits for the busy phone (bounded)."""
+    prompt = list(range(300))
+    phones = [phone("empty"), phone("holds", busy=True, reusable=270, wait_s=8.5)]
+    assert prefix_aware(30.0).choose(asking(prompt=prompt), phones) == "empty"
+    under_load = dataclasses.replace(asking(prompt=prompt), others_waiting=3)
+    assert prefix_aware(30.0).choose(under_load, phones) == WaitFor("holds", 30.0)
+    # still bounded: a wait past the bound is not started
+    assert prefix_aware(8.0).choose(under_load, phones) == "empty"
+
+
+def test_phones_within_a_tenth_of_the_fastest_are_equals_and_the_one_idle_longest_wins() -> None:
+    """Like phones measure slightly different costs (noise): counted as equals, unrelated requests
+    spread over them instead of all going to the one that measured the lowest cost."""
+    phones = [phone("cheapest", ms=MS * 0.95, idle_since=5.0), phone("idle", ms=MS * 1.04, idle_since=1.0)]
+    assert prefix_aware().choose(asking(), phones) == "idle"
+    phones = [phone("cheapest", ms=MS * 0.85, idle_since=5.0), phone("idle", ms=MS * 1.04, idle_since=1.0)]
+    assert prefix_aware().choose(asking(), phones) == "cheapest"  # 18 % apart: not equals
 
 
 def test_of_equally_fast_phones_the_one_idle_longest_then_the_pool_order() -> None:
@@ -220,16 +246,19 @@ def test_a_wait_expected_to_end_after_the_bound_is_not_started() -> None:
     phones = [phone("empty"), phone("holds", busy=True, reusable=100, wait_s=2.5)]  # 2.5 s < 3.08 s
     assert prefix_aware(5.0).choose(asking(), phones) == WaitFor("holds", 5.0)
     assert prefix_aware(2.0).choose(asking(), phones) == "empty"  # but it would end past 2 s
-    clock = Clock(3.0)  # asked again 3 s after it joined the queue: 2.5 s more would end at 5.5 s
-    assert prefix_aware(5.0, clock).choose(asking(), phones) == "empty"
+    clock = Clock(3.0)  # asked again 3 s after it was first held back: 2.5 s more would end at 5.5 s
+    assert prefix_aware(5.0, clock).choose(asking(held_since=0.0), phones) == "empty"
+    # the bound counts from the first wait, not from joining the queue: a request that queued 60 s
+    # without a free phone may still wait for the phone holding its prompt
+    assert prefix_aware(5.0, Clock(60.0)).choose(asking(enqueued=0.0), phones) == WaitFor("holds", 65.0)
 
 
 def test_the_wait_is_bounded_then_the_request_takes_another_phone() -> None:
-    """The deadline is the request's (joined the queue + the bound), whatever the busy phone says:
+    """The deadline is the request's (first held back + the bound), whatever the busy phone says:
     a request it runs over, the estimate still 0 s away, is given up at the deadline."""
     clock = Clock(10.0)
     router = prefix_aware(5.0, clock)
-    request = asking(enqueued=10.0)
+    request = asking(enqueued=2.0, held_since=10.0)
     for now, wait_s in ((10.0, 1.0), (11.0, 0.0), (14.99, 0.0)):
         clock.now = now
         phones = [phone("empty"), phone("holds", busy=True, reusable=90, wait_s=wait_s)]
@@ -272,12 +301,18 @@ aware_views = st.lists(
 )
 
 
-@given(aware_views, st.frozensets(keys, max_size=3), st.floats(0, 10), st.floats(0, 8), st.booleans())
+@given(aware_views, st.frozensets(keys, max_size=3), st.floats(0, 10), st.floats(0, 8), st.booleans(),
+       st.none() | st.floats(0, 8), st.none() | st.floats(-1, 8))
+# held back 1 s ago with a 5 s bound (until 7 s), but half its queue timeout is up 2 s from now: until 5 s
+@example([phone("empty"), phone("holds", busy=True, reusable=90, wait_s=1.0)], frozenset(), 3.0, 5.0, True, 1.0, 2.0)
 def test_a_prefix_aware_answer_is_the_fastest_free_phone_or_a_bounded_wait_for_a_faster_busy_one(
-    phones: list[PhoneView], avoid: frozenset[str], now: float, wait_max_s: float, patient: bool
+    phones: list[PhoneView], avoid: frozenset[str], now: float, wait_max_s: float, patient: bool,
+    held_ago: float | None, wait_left: float | None
 ) -> None:
     router = prefix_aware(wait_max_s, Clock(now))
-    request = asking(avoid=avoid, patient=patient)
+    held_since = None if held_ago is None else now - held_ago  # first held back that long ago
+    wait_until = None if wait_left is None else now + wait_left  # half its queue timeout, from now
+    request = asking(avoid=avoid, patient=patient, held_since=held_since, wait_until=wait_until)
     every_one_failed_it = all(p.key in avoid for p in phones)
     usable = [p for p in phones if p.key not in avoid or every_one_failed_it]
     free = [p for p in usable if p.free]
@@ -287,16 +322,21 @@ def test_a_prefix_aware_answer_is_the_fastest_free_phone_or_a_bounded_wait_for_a
         assert chosen is None
         return
     fastest_free = min(ttft[p.key] or 0.0 for p in free)
+    # free phones within a tenth of the fastest are equals: the one idle longest of them is the best
+    equals = [p for p in free if (ttft[p.key] or 0.0) <= fastest_free / (1 - EQUAL_WITHIN)]
+    best = min(equals, key=lambda p: p.idle_since)
+    best_s = ttft[best.key] or 0.0
     if isinstance(chosen, WaitFor):
         waited = next(p for p in usable if p.key == chosen.key)
         assert not waited.free and waited.wait_s is not None and patient
-        assert chosen.until == request.enqueued + wait_max_s and now + waited.wait_s <= chosen.until
-        assert (ttft[waited.key] or 0.0) < fastest_free  # strictly faster, or not worth a wait
+        # bounded from when it was first held back, and by half its queue timeout (wait_until)
+        bound = (now if held_since is None else held_since) + wait_max_s
+        assert chosen.until == (bound if wait_until is None else min(bound, wait_until))
+        assert now < chosen.until and now + waited.wait_s <= chosen.until
+        # faster than the best free phone by more than a tenth, or not worth a wait
+        assert (ttft[waited.key] or 0.0) < best_s * (1 - EQUAL_WITHIN)
     else:
-        assert chosen in {p.key for p in free}
-        assert ttft[chosen] == fastest_free
-        ties = [p for p in free if ttft[p.key] == fastest_free]
-        assert chosen == min(ties, key=lambda p: p.idle_since).key
+        assert chosen == best.key
 
 
 # --------------------------------------------------------------------------- prefix-aware, in a queue
@@ -310,8 +350,13 @@ N_PHONES = 4
 @dataclass
 class MiniPool:
     """The pool's routing round (server/scheduling/pool.py ``_offers``) over phones that are free or
-    busy, in virtual time: waiters oldest first, each phone's wait the rest of its request plus one
-    request per waiter ahead that waits for it; rounds on every change and at every deadline."""
+    busy, in virtual time: waiters oldest first, each told how many others wait (``others_waiting``),
+    each phone's wait the rest of its request plus one request per waiter ahead that waits for it;
+    rounds on every change, repeated until one grants nothing (a grant changes what the others
+    weigh), and again when a waiter leaves; time passing alone only at the times the pool asks again
+    for a wait (``PhonePool._reask_by``: its deadline, or when the phone waited for overruns its
+    request so that it can no longer come in time). After each change, and whenever time has passed,
+    :meth:`audit` asks the router again as ``PhonePool.audit`` does."""
 
     router: PrefixAware
     clock: Clock
@@ -322,6 +367,8 @@ class MiniPool:
     reusable: dict[str, dict[str, int]] = field(default_factory=dict)  # request -> phone -> tokens
     granted: dict[str, str] = field(default_factory=dict)  # request -> phone
     order: list[str] = field(default_factory=list)  # grants, in order
+    rechecks: list[float] = field(default_factory=list)  # when the pool asks again (for waits)
+    routed_at: float = 0.0  # the time of the last round
 
     def views(self, request: RouteRequest, ahead: collections.Counter[str]) -> list[PhoneView]:
         now = self.clock.now
@@ -337,16 +384,29 @@ class MiniPool:
         return [k for k, since in self.busy_since.items() if since is None]
 
     def round(self) -> None:
+        while self.one_round():
+            pass
+        self.routed_at = self.clock.now
+        self.audit()
+
+    def one_round(self) -> bool:
+        """Offers the free phones to the waiters, oldest first; True when it granted one."""
         ahead: collections.Counter[str] = collections.Counter()
         waited: set[str] = set()  # requests that chose to wait for a busy phone this round
+        others = len(self.queue) - 1
+        granted = False
         for request in list(self.queue):
             if not self.free():
                 break
             views = self.views(request, ahead)
-            choice = self.router.choose(request, views)
+            choice = self.router.choose(dataclasses.replace(request, others_waiting=others), views)
             if isinstance(choice, WaitFor):
-                assert choice.key not in self.free() and choice.until == request.enqueued + BOUND_S
+                if request.held_since is None:  # as the pool does: the wait is bounded from now
+                    held = dataclasses.replace(request, held_since=self.clock.now)
+                    self.queue[self.queue.index(request)] = request = held
+                assert choice.key not in self.free() and choice.until == request.held_since + BOUND_S
                 assert self.clock.now < choice.until  # bounded: never past its deadline
+                self.rechecks.append(self.reask_by(choice, views))
                 ahead[choice.key] += 1
                 waited.add(request.request_id)
                 continue
@@ -358,12 +418,65 @@ class MiniPool:
             self.busy_since[choice] = self.clock.now
             self.granted[request.request_id] = choice
             self.order.append(request.request_id)
-        for request in self.queue:  # past its deadline, nobody waits beside a free phone
-            assert not self.free() or self.clock.now < request.enqueued + BOUND_S
+            granted = True
+        return granted
+
+    def reask_by(self, choice: WaitFor, views: list[PhoneView]) -> float:
+        """As ``PhonePool._reask_by``: the deadline, or the first time a busy phone that could be waited
+        for, its expected wait no longer shrinking (half a request, plus one per waiter ahead), would
+        end past it."""
+        now = self.clock.now
+        slides = [choice.until - (v.wait_s - max(SERVICE_S - (now - since), SERVICE_S / 2) + SERVICE_S / 2)
+                  for v in views if (since := self.busy_since[v.key]) is not None and v.wait_s is not None
+                  and now + v.wait_s <= choice.until]
+        return min([t for t in slides if now < t < choice.until], default=choice.until)
+
+    def audit(self) -> None:
+        """As ``PhonePool.audit``, in two parts. With the clock of the last round, routing again grants
+        nothing and every wait has a recheck by the time its choice may change (``reask_by``): every
+        change of the queue or the phones was routed. Now: nobody waits beside a free phone past its
+        deadline or without a recheck by then. (Between rechecks, time alone may change an answer the
+        pool cannot foresee: a busy phone's wait shrinks while its request runs, an older waiter moves
+        to it, and the phones a younger one sees are further away; that waits for the next recheck.)"""
+        now = self.clock.now
+        self.clock.now = self.routed_at
+        try:
+            self.check(strict=True)
+        finally:
+            self.clock.now = now
+        self.check(strict=False)
+
+    def check(self, *, strict: bool) -> None:
+        recheck = min(self.rechecks, default=None)
+        ahead: collections.Counter[str] = collections.Counter()
+        now = self.clock.now
+        for request in self.queue:
+            if not self.free():
+                break
+            asking = dataclasses.replace(request, others_waiting=len(self.queue) - 1)
+            views = self.views(request, ahead)
+            choice = self.router.choose(asking, views)
+            deliberate = request.held_since is not None and now < request.held_since + BOUND_S
+            if not isinstance(choice, WaitFor):
+                due = recheck is not None and recheck <= now
+                assert due or (not strict and deliberate and recheck is not None
+                               and recheck <= request.held_since + BOUND_S), (  # type: ignore[operator]
+                    f"{request.request_id} waits, but would take free phone {choice}")
+                return  # the recheck due (or coming) gives it
+            assert request.held_since is not None and choice.until == request.held_since + BOUND_S
+            assert now < choice.until and recheck is not None
+            assert recheck <= (self.reask_by(choice, views) if strict else choice.until)
+            ahead[choice.key] += 1
+
+    def leave(self, index: int) -> None:
+        """A waiter's client goes away (or its queue timeout ends its wait)."""
+        if self.queue:
+            self.queue.pop(index % len(self.queue))
+            self.round()
 
     def arrive(self, rid: str, reusable: Sequence[int], prompt: Sequence[int] = PROMPT) -> None:
         self.queue.append(RouteRequest(rid, "m", frozenset(), self.clock.now, prompt))
-        self.reusable[rid] = {f"p{i}": n for i, n in enumerate(reusable)}
+        self.reusable[rid] = {f"p{i}": min(n, len(prompt)) for i, n in enumerate(reusable)}
         self.round()
 
     def finish(self, key: str) -> None:
@@ -373,14 +486,15 @@ class MiniPool:
             self.round()
 
     def advance(self, dt: float) -> None:
-        """Time passes; the pool asks again at each deadline on the way."""
+        """Time passes; the pool asks again at each recheck on the way (a hair after it, as its timer
+        does: ``RECHECK_SLACK_S``), and nowhere else."""
         end = self.clock.now + dt
-        for deadline in sorted(r.enqueued + BOUND_S for r in self.queue):
-            if self.clock.now < deadline <= end:
-                self.clock.now = deadline
-                self.round()
-        self.clock.now = end
-        self.round()
+        while self.rechecks and min(self.rechecks) <= end:
+            self.clock.now = max(self.clock.now, min(self.rechecks) + 1e-6)
+            self.rechecks.clear()  # the pool's one timer fired: its round asks everyone again
+            self.round()
+        self.clock.now = max(self.clock.now, end)
+        self.audit()
 
 
 def mini_pool() -> MiniPool:
@@ -420,6 +534,63 @@ def test_no_request_starves_under_any_stream_of_requests_and_phone_events(stream
             pool.finish(key)
     assert pool.queue == []
     assert len(pool.granted) == sum(1 for kind, _ in stream if kind == "arrive")
+
+
+@st.composite
+def held_prompt(draw: st.DrawFn) -> tuple[list[int], int]:
+    """A prompt's length (1 to 300 tokens) and what each phone holds of it (often nothing)."""
+    length = draw(st.integers(1, 300))
+    return draw(st.lists(st.just(0) | st.integers(0, length), min_size=N_PHONES, max_size=N_PHONES)), length
+
+
+loaded = st.lists(
+    st.one_of(
+        st.tuples(st.just("arrive"), held_prompt()),
+        st.tuples(st.just("finish"), st.integers(0, N_PHONES - 1)),
+        st.tuples(st.just("advance"), st.floats(0.0, 3.0)),
+        st.tuples(st.just("leave"), st.integers(0, 20)),
+    ),
+    max_size=80,
+)
+
+
+# every phone busy; b holds 40 of its 100 tokens on p0 (alone, 2.85 s there against 3.08 s on a free
+# phone: equals), c as much on p1; p3 frees: each, with the other waiting (3.39 s for a free phone),
+# rather waits; then c leaves, or c gets p1: b, alone, would take p3
+BOTH_WAIT = [*[("arrive", ([0] * N_PHONES, 100))] * N_PHONES, ("arrive", ([40, 0, 0, 0], 100)),
+             ("arrive", ([0, 40, 0, 0], 100)), ("finish", 3)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(loaded)
+@example([*BOTH_WAIT, ("leave", 1)])
+@example([*BOTH_WAIT, ("finish", 1)])
+def test_under_load_no_request_waits_beside_a_free_phone_the_router_would_now_give_it(
+        stream: list[tuple[str, Any]]) -> None:
+    """What a request weighs depends on the queue (``others_waiting``): a grant in the same round or a
+    waiter leaving can turn a deliberate wait into a choice of a free phone. Prompts of 1 to 300
+    tokens, phones holding any part of them, waiters leaving: after every change nobody waits beside
+    a free phone the router would give it now (``MiniPool.audit``), and everyone left is served.
+    (Routing once per change, as the pool did, fails this.)"""
+    pool = mini_pool()
+    arrived = left = 0
+    for i, (kind, arg) in enumerate(stream):
+        if kind == "arrive":
+            reusable, length = arg
+            pool.arrive(f"r{i}", reusable, list(range(length)))
+            arrived += 1
+        elif kind == "finish":
+            pool.finish(f"p{arg}")
+        elif kind == "advance":
+            pool.advance(arg)
+        elif pool.queue:
+            pool.leave(arg)
+            left += 1
+    for _ in range(len(pool.queue) // N_PHONES + 2):
+        pool.advance(BOUND_S)
+        for key in list(pool.busy_since):
+            pool.finish(key)
+    assert pool.queue == [] and len(pool.granted) == arrived - left
 
 
 def test_a_request_waiting_for_its_phone_is_passed_by_later_ones_only_for_phones_it_declined() -> None:
