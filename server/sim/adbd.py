@@ -8,7 +8,8 @@ adb over TCP. Layers, bottom up:
     services        small coroutines per service name: shell (v1), shell,v2, exec, sync (adb_sync.py)
     AdbDaemon       the listening socket of one phone, plus its transport fault knobs
 
-Only what the host needs is implemented: no auth (the host accepts a device that never asks), the
+Only what the host needs is implemented: no auth by default (the host accepts a device that never
+asks; the ``handshake`` knob of :class:`AdbDaemon` can make the phone ``unauthorized`` or ``offline``), the
 features ``shell_v2,cmd,fixed_push_mkdir`` and nothing else (so the host never uses stat_v2,
 sendrecv_v2, abb or delayed_ack), no pty. Protocol reference: AOSP packages/modules/adb
 (protocol.txt, SERVICES.TXT, SYNC.TXT, shell_protocol.h).
@@ -26,13 +27,20 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from server.sim.adb_sync import sync_service
+from server.sim.lifetime import dying_with
 from server.sim.sandbox import Sandbox
 
 logger = logging.getLogger(__name__)
 
-A_CNXN, A_OPEN, A_OKAY, A_CLSE, A_WRTE = (
-    int.from_bytes(name, "little") for name in (b"CNXN", b"OPEN", b"OKAY", b"CLSE", b"WRTE")
+A_CNXN, A_OPEN, A_OKAY, A_CLSE, A_WRTE, A_AUTH = (
+    int.from_bytes(name, "little") for name in (b"CNXN", b"OPEN", b"OKAY", b"CLSE", b"WRTE", b"AUTH")
 )
+AUTH_TOKEN, AUTH_SIGNATURE = 1, 2  # AUTH arg0: a challenge to sign, the host's signature (protocol.txt)
+AUTH_TOKEN_BYTES = 20
+# How a phone answers the host's CNXN (AdbDaemon.handshake): "device" answers it; "unauthorized" asks
+# for a signature and never accepts one (a phone whose owner has not accepted the debugging prompt);
+# "offline" never answers (the adb server lists the link as offline).
+HANDSHAKES = ("device", "unauthorized", "offline")
 # With this version the host skips checksum verification, so we send 0 as the checksum.
 A_VERSION = 0x01000001
 MAX_PAYLOAD = 1024 * 1024
@@ -117,13 +125,17 @@ class AdbConnection:
     """One TCP link from the adb server: framing, handshake and dispatch to streams."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 banner: str, resolve: Callable[[str], Service | None]) -> None:
+                 banner: str, resolve: Callable[[str], Service | None], handshake: str = "device") -> None:
+        self.handshake = handshake
         self.reader = reader
         self.writer = writer
         self.banner = banner
         self.resolve = resolve
         self.max_payload = MAX_PAYLOAD
         self.streams: dict[int, Stream] = {}
+        # every stream's service task until it is done, those the host closed (gone from ``streams``,
+        # their clean-up still running) included: the link ends after all of them
+        self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
 
     def send(self, command: int, arg0: int, arg1: int, data: bytes = b"") -> None:
@@ -149,7 +161,7 @@ class AdbConnection:
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             logger.debug("adb link closed: %r", exc)
         finally:
-            tasks = [s.task for s in self.streams.values() if s.task is not None]
+            tasks = list(self._tasks)
             for stream in list(self.streams.values()):
                 stream.on_close()
             self.streams.clear()
@@ -163,6 +175,12 @@ class AdbConnection:
         return command, arg0, arg1, await self.reader.readexactly(length) if length else b""
 
     def _dispatch(self, command: int, arg0: int, arg1: int, data: bytes) -> None:
+        if command in (A_CNXN, A_AUTH) and self.handshake != "device":
+            # "unauthorized": a new challenge for the CNXN and for every signature (none is accepted);
+            # the host's public key then gets no answer, as on a phone showing the debugging prompt
+            if self.handshake == "unauthorized" and (command == A_CNXN or arg0 == AUTH_SIGNATURE):
+                self.send(A_AUTH, AUTH_TOKEN, 0, os.urandom(AUTH_TOKEN_BYTES))
+            return  # "offline": no answer at all
         if command == A_CNXN:
             # arg1 is the host's max payload; never send more than both sides accept
             self.max_payload = min(MAX_PAYLOAD, arg1) or MAX_PAYLOAD
@@ -190,7 +208,9 @@ class AdbConnection:
         self.streams[stream.local_id] = stream
         self.send(A_OKAY, stream.local_id, remote_id)
         logger.debug("stream %d open: %r", stream.local_id, name)
-        stream.task = asyncio.create_task(self._run(stream, service, name))
+        stream.task = task = asyncio.create_task(self._run(stream, service, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run(self, stream: Stream, service: Service, name: str) -> None:
         try:
@@ -241,6 +261,9 @@ async def run_command(stream: Stream, sandbox: Sandbox, command: str, *, v2: boo
         *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE if v2 else asyncio.subprocess.STDOUT,
         cwd=sandbox.root, env=sandbox.env(), start_new_session=True,
+        # no phone process outlives the host that runs this adbd, even a SIGKILLed one (lifetime.py);
+        # the loop thread forking it lives as long as the phone
+        preexec_fn=dying_with(os.getpid()),  # a prctl and a getppid between fork and exec: nothing that locks
     )
     assert proc.stdin is not None and proc.stdout is not None
     pipes = [(proc.stdout, V2_STDOUT)] + ([(proc.stderr, V2_STDERR)] if proc.stderr is not None else [])
@@ -338,7 +361,8 @@ class AdbDaemon:
     """The adbd of one simulated phone: listens on host:port and serves every link the host opens.
 
     Fault knobs (call them on the daemon's event loop; SimPhone marshals from other threads):
-    :meth:`drop_connections` cuts the live links, ``refuse`` closes new links at once.
+    :meth:`drop_connections` cuts the live links, ``refuse`` closes new links at once, ``handshake``
+    (one of :data:`HANDSHAKES`) is how new links are answered.
     """
 
     def __init__(self, sandbox: Sandbox, *, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -346,6 +370,7 @@ class AdbDaemon:
         self.host = host
         self.port = port
         self.refuse = False
+        self.handshake = "device"
         self._server: asyncio.Server | None = None
         self._connections: set[AdbConnection] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -390,7 +415,7 @@ class AdbDaemon:
         task = asyncio.current_task()
         assert task is not None
         conn = AdbConnection(reader, writer, banner=self.banner,
-                             resolve=lambda name: resolve_service(name, self.sandbox))
+                             resolve=lambda name: resolve_service(name, self.sandbox), handshake=self.handshake)
         self._connections.add(conn)
         self._handlers.add(task)
         try:

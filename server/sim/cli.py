@@ -17,8 +17,10 @@ import argparse
 import ipaddress
 import logging
 import math
+import re
 import signal
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
 
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # the banner (read by read_banner(): scripts and tests that start `qhx-server sim` in a process)
     try:
         with lab:
             for phone in lab.phones:
@@ -114,3 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def read_banner(lines: Iterable[str]) -> tuple[str | None, list[Path]]:
+    """What a ``qhx-server sim`` process printed before "Ctrl-C to stop": its private adb server
+    ("host:port", None without one) and the phones' sandboxes. Reads ``lines`` (its stdout) up to that
+    line and no further, so that the process keeps running."""
+    adb_server, sandboxes = None, []
+    for line in lines:
+        if m := re.search(r"sandbox (\S+)", line):
+            sandboxes.append(Path(m.group(1)))
+        if m := re.search(r"private adb server on (\S+):", line):
+            adb_server = m.group(1)
+        if "Ctrl-C" in line:
+            break
+    return adb_server, sandboxes

@@ -25,6 +25,7 @@ from operator import attrgetter
 from typing import Literal
 
 from server.sim.generation import TextModel
+from server.sim.physics import PhoneBody, Work
 from server.sim.simconfig import SimConfig, SimConfigWatcher
 from server.sim.state import BadCheckpoint, PhoneState, Save
 
@@ -81,6 +82,7 @@ class Engine:
         max_context: int,
         checkpoints: int = 0,
         shutdown: threading.Event | None = None,
+        body: PhoneBody | None = None,
     ) -> None:
         self._model = model
         self._watcher = watcher
@@ -88,6 +90,7 @@ class Engine:
         self.max_context = max_context
         self.shutdown = shutdown or threading.Event()  # set at session end: releases a hang
         self.phone = PhoneState(checkpoints)
+        self._body = body  # temperature and battery (server/sim/physics.py); None: no physics
 
     @property
     def checkpoints(self) -> int:
@@ -120,7 +123,14 @@ class Engine:
         emit: Callable[[int, float], None],
         garbage: Callable[[], None] = lambda: None,
     ) -> GenResult:
-        """Prefill then decode; ``emit(id, t_ms)`` per generated token. Call :meth:`check` first."""
+        """Prefill then decode; ``emit(id, t_ms)`` per generated token. Call :meth:`check` first.
+        The request is work for the phone's body: it heats the phone, and decoding slows down as the
+        phone throttles (server/sim/physics.py)."""
+        with Work(self._body) as work:
+            return self._run(req, emit, garbage, work)
+
+    def _run(self, req: GenRequest, emit: Callable[[int, float], None], garbage: Callable[[], None],
+             work: Work) -> GenResult:
         cfg = self._watcher.current()
         t_start = time.monotonic()
         saved: list[Save] = []
@@ -136,14 +146,14 @@ class Engine:
 
         stream = self._model.continue_from(state, temperature=req.temperature, seed=req.seed,
                                            stop_ids=req.stop_ids, think=cfg.think, tool_call=cfg.tool_call,
-                                           stop_rate=cfg.stop_rate, min_tokens=cfg.min_tokens)
+                                           stop_rate=cfg.stop_rate, min_tokens=cfg.min_tokens, answer=cfg.answer)
         sent = 0
         reason: Reason = "length"
         while sent < budget:
             cfg = self._watcher.current()
             if cfg.crash_after is not None and sent >= cfg.crash_after:
                 self._crash(req)
-            t_dec += self._hang_while_set(cfg)
+            t_dec += self._hang_while_set(cfg) + work.slowdown_s(step)
             if self._wait_until(t_dec + (sent + 1) * step, req):
                 reason = "cancelled"
                 self.phone.poison(state)

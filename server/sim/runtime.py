@@ -7,9 +7,12 @@ Run on the simulated phone by the staged launcher, in the device root (``/data/l
 * A wrong argument count, a non-integer ``max_new`` or a missing file is a usage error: message on
   stderr, exit 2 (nothing on stdout).
 * Loading checks the arch pin (the manifest's ``soc_model`` against the phone's ``ro.soc.model``,
-  read from ``$QHX_SIM_SANDBOX/props.json``; SM8850 when absent): on a mismatch the load fails like
-  the real runtime: exit 1, with a fatal ``error`` event (``id: null``, code ``runtime``) first in
-  session mode. Loading the real tokenizer.json happens inside the simulated load time.
+  read from ``$QHX_SIM_SANDBOX/props.json``; SM8850 when absent), that the HTP skel library of the
+  bundle's arch (``libQnnHtpV81Skel.so``) sits beside ``libQnnHtp.so``, and that no context binary is
+  shorter than a staged placeholder (:data:`MIN_CONTEXT_BINARY`: a truncated push): on any of these
+  the load fails like the real runtime: exit 1, with a fatal ``error`` event (``id: null``, code
+  ``runtime``) first in session mode. Loading the real tokenizer.json happens inside the simulated
+  load time.
 * ``<prompt>`` other than ``-``: one-shot. The raw prompt (no template) is tokenized, up to
   ``max_new`` tokens are generated (greedy; stopping at the manifest's ``eos_ids``) and written to
   stdout as raw token bytes, flushed per token (a multi-byte character may span writes), then a stats
@@ -36,6 +39,8 @@ from tokenizers import Tokenizer
 
 from server.sim.engine import ContextOverflow, Engine, GenRequest
 from server.sim.generation import TextModel
+from server.sim.lifetime import die_with_parent
+from server.sim.physics import PhoneBody
 from server.sim.session import Output, Session
 from server.sim.simconfig import SIM_JSON, SimConfigWatcher
 
@@ -48,6 +53,7 @@ USAGE = (
 EXIT_USAGE = 2
 EXIT_LOAD = 1
 DEFAULT_SOC = "SM8850"
+MIN_CONTEXT_BINARY = 4096  # bytes of a staged placeholder (server.sim.staging.PLACEHOLDER_SIZE)
 
 
 class UsageError(Exception):
@@ -74,6 +80,8 @@ class Bundle:
     tokenizer: Path
     max_new: int
     prompt: str
+    lib_dir: Path = Path(".")  # where libQnnHtp.so is (the skel is looked up beside it)
+    binaries: tuple[Path, ...] = ()  # the context binaries and the embedding table
 
 
 def read_bundle(argv: list[str]) -> Bundle:
@@ -117,6 +125,8 @@ def read_bundle(argv: list[str]) -> Bundle:
             tokenizer=root / plan["tokenizer"],
             max_new=max_new,
             prompt=prompt,
+            lib_dir=Path(htp).parent,
+            binaries=tuple(root / name for name in files[:-1]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(f"bad manifest {manifest_arg}: missing or invalid {exc}") from None
@@ -134,12 +144,22 @@ def phone_soc(sandbox: Path | None) -> str:
 
 
 def load_model(bundle: Bundle, soc: str) -> TextModel:
-    """Arch check, then the tokenizer; raises :class:`LoadError` like a failed context load."""
+    """Arch check, skel, binary sizes, then the tokenizer; raises :class:`LoadError` like a failed
+    context load."""
     if soc != bundle.soc_model:
         raise LoadError(
             f"QnnContext_createFromBinary failed for {bundle.decode_file}: context binary built for "
             f"{bundle.soc_model} (Hexagon {bundle.arch}), device is {soc} (error 5005: incompatible arch)"
         )
+    skel = f"libQnnHtp{bundle.arch.upper()}Skel.so"
+    if not (bundle.lib_dir / skel).is_file():
+        raise LoadError(f"QnnDevice_create failed: unable to load {skel} on the HTP (not found beside "
+                        f"libQnnHtp.so; error 1008)")
+    for binary in bundle.binaries:
+        size = binary.stat().st_size
+        if size < MIN_CONTEXT_BINARY:
+            raise LoadError(f"QnnContext_createFromBinary failed for {binary.name}: truncated context binary "
+                            f"({size} bytes; error 5001)")
     return TextModel(Tokenizer.from_file(str(bundle.tokenizer)))
 
 
@@ -176,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("model loaded in %.0f ms (max_context %d)", load_ms, bundle.max_context)
     # Slots are process memory: their number is read once, here (the `checkpoints` knob).
     engine = Engine(model, watcher, precision=bundle.precision, max_context=bundle.max_context,
-                    checkpoints=cfg.checkpoints if session else 0)
+                    checkpoints=cfg.checkpoints if session else 0,
+                    body=PhoneBody(sandbox, watcher) if sandbox else None)
     if session:
         ready = {"ev": "ready", "proto": 1, "model": bundle.family, "precision": bundle.precision,
                  "max_context": bundle.max_context, "vocab_size": bundle.vocab_size, "load_ms": load_ms,
@@ -213,4 +234,5 @@ def run_oneshot(engine: Engine, model: TextModel, bundle: Bundle) -> int:
 
 
 if __name__ == "__main__":
+    die_with_parent()  # the simulated adbd's ``sh -c``: no phone process outlives its host (lifetime.py)
     sys.exit(main())

@@ -42,6 +42,15 @@ else:
         print("[%s]: [%s]" % (key, props[key]))
 """
 
+# dumpsys runs the package's module without the host's site or env (-I -S: stdlib only, quick to start)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_DUMPSYS = """#!{python} -IS
+import sys
+sys.path.insert(0, {root})
+from server.sim.dumpsys import main
+sys.exit(main())
+"""
+
 
 def default_props(*, soc: str = "SM8850", name: str = "qhxsim") -> dict[str, str]:
     """Props of a simulated phone with that SoC (the banner sends the ro.product.* ones)."""
@@ -78,6 +87,9 @@ class Sandbox:
         getprop = self.root / "system/bin/getprop"
         getprop.write_text(_GETPROP.format(python=sys.executable))
         getprop.chmod(0o755)
+        dumpsys = self.root / "system/bin/dumpsys"  # thermalservice and battery (server/sim/dumpsys.py)
+        dumpsys.write_text(_DUMPSYS.format(python=sys.executable, root=repr(_PACKAGE_ROOT)))
+        dumpsys.chmod(0o755)
 
     def write_props(self) -> None:
         _write_atomic(self.root / "props.json", json.dumps(self.props, indent=1, sort_keys=True))

@@ -17,6 +17,9 @@ text (read at the start of each request)
                              ``<think>`` (Qwen generation prompt with thinking on)
   ``tool_call`` null         true: always emit a tool call; false: never; null: when the prompt has
                              ``<tools>`` and its last user turn is not a ``<tool_response>``
+  ``answer`` null            a string: the answer is this text, verbatim (then the end of turn when
+                             the request has stop ids, else generated sentences), e.g. to test how
+                             clients show markup from a model
 
 session (read once, when a session process starts)
   ``checkpoints`` 4          checkpoint slots advertised in ``ready`` (session protocol v1.1);
@@ -31,6 +34,20 @@ faults (checked at request start and before every token)
   ``slow_first_token_s`` 0   extra delay before each request's first token, in real seconds
                              (not divided by ``speed``, so stall timeouts can be tested at speed 0)
   ``no_session`` false       true: the runtime knows only the one-shot CLI; ``-`` is a prompt
+
+physics (the phone's temperature and battery, server/sim/physics.py; read as they are needed)
+  ``ambient_c`` 25           the room's temperature (Celsius)
+  ``thermal_rise_c`` 15      how far above the room continuous decoding settles the phone
+  ``thermal_tau_s`` 300      thermal time constant, simulated seconds (real seconds times ``speed``)
+  ``thermal_status_c``       temperatures of Android's thermal status LIGHT .. SHUTDOWN
+                             (default [38, 41, 44, 47, 50, 53])
+  ``throttle_curve``         [celsius, decode rate factor] points, linear between them, flat beyond
+                             (default [[42, 1.0], [44, 0.55], [47, 0.35], [53, 0.15]])
+  ``charging`` true          on a charger: the battery gains ``battery_charge_pct_per_min``
+  ``battery_drain_pct_per_min`` 0.5   battery used per minute under load (a tenth of it idle)
+  ``battery_charge_pct_per_min`` 1.0  battery gained per minute on a charger
+  ``temp_c``, ``battery_pct``  events, not kept in sim.json: writing one puts the phone at that
+                             temperature / battery level now (a phone that starts hot, a low battery)
 
 Fault knobs are level-triggered: they apply to every request while set (a crashed session that is
 restarted crashes again until the knob is cleared). Writers should replace the file atomically
@@ -49,6 +66,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from server.sim.physics import EVENT_KNOBS, KNOB_DEFAULTS
+
 SIM_JSON = "sim.json"
 DECODE_TPS = {"fp16": 22.7, "w8": 24.2}  # model card, SM8850
 RECENT_NS = 2_000_000_000
@@ -64,11 +83,15 @@ DEFAULTS: dict[str, Any] = {
     "min_tokens": 8,
     "think": None,
     "tool_call": None,
+    "answer": None,
     "crash_after": None,
     "hang": False,
     "garbage": False,
     "slow_first_token_s": 0.0,
     "no_session": False,
+    # the phone's body (thermal model, battery): physics.py owns their defaults, which the simulated
+    # dumpsys reads without importing this module
+    **{k: v for k, v in KNOB_DEFAULTS.items() if k != "speed"},
 }
 
 
@@ -86,11 +109,20 @@ class SimConfig:
     min_tokens: int = 8
     think: bool | None = None
     tool_call: bool | None = None
+    answer: str | None = None
     crash_after: int | None = None
     hang: bool = False
     garbage: bool = False
     slow_first_token_s: float = 0.0
     no_session: bool = False
+    ambient_c: float = 25.0
+    thermal_rise_c: float = 15.0
+    thermal_tau_s: float = 300.0
+    thermal_status_c: tuple[float, ...] = (38.0, 41.0, 44.0, 47.0, 50.0, 53.0)
+    throttle_curve: tuple[tuple[float, float], ...] = ((42.0, 1.0), (44.0, 0.55), (47.0, 0.35), (53.0, 0.15))
+    charging: bool = True
+    battery_drain_pct_per_min: float = 0.5
+    battery_charge_pct_per_min: float = 1.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> SimConfig:
@@ -108,6 +140,9 @@ class SimConfig:
             value = data[f.name]
             if f.name == "speed" and value == "max":
                 value = 0.0
+            if f.name in _LIST_KNOBS:
+                values[f.name] = _LIST_KNOBS[f.name](value)
+                continue
             values[f.name] = _check(f.name, value, f.type)
         return cls(**values)
 
@@ -138,9 +173,36 @@ def _check(name: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"sim knob {name} must be true or false")
         return value
+    if kind.startswith("str"):
+        if not isinstance(value, str):
+            raise ValueError(f"sim knob {name} must be a string")
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ValueError(f"sim knob {name} must be a number >= 0")
     return int(value) if kind.startswith("int") else float(value)
+
+
+def _temperatures(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or len(value) > 6 or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise ValueError("sim knob thermal_status_c must be a list of at most 6 temperatures")
+    if list(value) != sorted(value):
+        raise ValueError("sim knob thermal_status_c must not decrease")
+    return tuple(float(v) for v in value)
+
+
+def _curve(value: Any) -> tuple[tuple[float, float], ...]:
+    points = []
+    for point in value if isinstance(value, list) else [None]:
+        if (not isinstance(point, list) or len(point) != 2
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in point)
+                or not 0 < point[1] <= 1):
+            raise ValueError("sim knob throttle_curve must be a list of [celsius, factor] with 0 < factor <= 1")
+        points.append((float(point[0]), float(point[1])))
+    return tuple(sorted(points))
+
+
+_LIST_KNOBS = {"thermal_status_c": _temperatures, "throttle_curve": _curve}
 
 
 class SimConfigWatcher:
@@ -182,9 +244,15 @@ def write_sim_config(sandbox: Path, knobs: Mapping[str, Any], *, merge: bool = T
     the wrong type ``ValueError``.
     Returns the knobs now in effect.
     """
-    unknown = set(knobs) - set(DEFAULTS)
+    unknown = set(knobs) - set(DEFAULTS) - set(EVENT_KNOBS)
     if unknown:
         raise KeyError(f"unknown sim knobs: {sorted(unknown)}")
+    events = {k: knobs[k] for k in EVENT_KNOBS if knobs.get(k) is not None}
+    for name, value in events.items():
+        low, high = (0, 100) if name == "battery_pct" else (-40, 150)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"sim knob {name} must be a number from {low} to {high}")
+    knobs = {k: v for k, v in knobs.items() if k not in EVENT_KNOBS}
     path = sandbox / SIM_JSON
     data = dict(DEFAULTS)
     if merge and path.is_file():
@@ -203,4 +271,8 @@ def write_sim_config(sandbox: Path, knobs: Mapping[str, Any], *, merge: bool = T
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if events:
+        from server.sim.physics import PhoneBody  # physics reads these knobs: imported here, not above
+
+        PhoneBody(sandbox).set(**events)
     return data

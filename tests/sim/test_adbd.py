@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import itertools
 import os
@@ -241,6 +242,9 @@ def test_closing_the_stream_kills_the_process_group_within_100ms(device: adbutil
     conn = device.shell(prefix + "echo $$; sleep 30 & sleep 31", stream=True)
     with conn.conn.makefile("rb") as out:
         pgid = int(out.readline())
+    deadline = time.monotonic() + 5  # sh printed its pid before it forked the sleeps: wait for them
+    while len(group_members(pgid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.002)
     assert len(group_members(pgid)) == 3  # sh and both sleeps
     started = time.monotonic()
     conn.close()
@@ -322,3 +326,45 @@ def test_dropped_link_kills_running_commands(sim_lab: SimLab, spare_phone: SimPh
         while group_members(pgid) and time.monotonic() < deadline:
             time.sleep(0.005)
         assert group_members(pgid) == []
+
+
+async def test_a_link_ends_only_after_every_stream_it_started_has_cleaned_up() -> None:
+    """A stream the host closed (CLSE) is cancelled and forgotten by the link, its clean-up (killing
+    the command) still running; the link ending did not wait for it, so a lab stopping then closed
+    its loop under it ("Task was destroyed but it is pending!", "Loop that handles pid N is closed"
+    on a SIGTERM while phones were starting, the command killed only by the process's death)."""
+    from server.sim.adbd import A_CLSE, A_CNXN, A_OPEN, MAX_PAYLOAD, AdbConnection, Stream
+
+    cleaned = asyncio.Event()
+
+    async def service(stream: Stream) -> None:
+        try:
+            await asyncio.sleep(100)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)  # the command's clean-up (SIGHUP, then SIGKILL, then reaping)
+            cleaned.set()
+            raise
+
+    def packet(command: int, arg0: int, arg1: int, data: bytes = b"") -> bytes:
+        return struct.pack("<6I", command, arg0, arg1, len(data), 0, command ^ 0xFFFFFFFF) + data
+
+    served = asyncio.Event()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await AdbConnection(reader, writer, banner="device::", resolve=lambda name: service).serve()
+        served.set()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(packet(A_CNXN, 0x01000001, MAX_PAYLOAD, b"host::\0") + packet(A_OPEN, 7, 0, b"shell:x\0"))
+    await reader.readexactly(24 + len(b"device::"))  # CNXN
+    await reader.readexactly(24)  # OKAY: the stream is open on the device as local id 1
+    writer.write(packet(A_CLSE, 7, 1))
+    await asyncio.sleep(0.05)  # the device has the CLSE: the stream's clean-up runs
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.wait_for(served.wait(), 10)
+    assert cleaned.is_set()  # the link ended after its stream's clean-up, not before
+    server.close()
+    await server.wait_closed()

@@ -250,3 +250,12 @@ def test_output_is_a_function_of_the_text_not_of_its_tokenization(
     rest = [i for piece in pieces[1:] for i in model.encode_prompt(piece)]
     assert run(engine, rest, reset=False, **kw)[0] == whole
     assert run(new_engine(), model.encode_prompt(text + "x"), **kw)[0] != whole
+
+
+def test_the_answer_knob_says_its_text_verbatim_then_ends_the_turn(new_engine: Callable[..., Engine],
+                                                                   model: TextModel, knobs: Any) -> None:
+    text = '<script>alert("x")</script> <img src=x onerror=alert(1)> & café'
+    knobs(answer=text)
+    sent, result = run(new_engine(), model.encode_prompt("<|im_start|>assistant\n"), 200, stop_ids=[IM_END_ID])
+    assert result.reason == "stop"
+    assert model.text_bytes(sent).decode("utf-8") == text

@@ -214,6 +214,18 @@ def test_without_stop_ids_generation_runs_to_max_new(session: RuntimeSession, kn
     assert events[-1]["reason"] == "length" and len(toks(events)) == 60
 
 
+def test_without_stop_ids_the_end_of_turn_is_an_ordinary_token_and_the_text_goes_on(
+    session: RuntimeSession, knobs: Knobs
+) -> None:
+    """As a model's: nothing stops it, so ``<|im_end|>`` is sampled like any token and more follows
+    (what lets the host apply ignore_eos and min_tokens, server/serving/driver.py)."""
+    knobs(stop_rate=1.0, min_tokens=0)
+    ids = toks(session.generate("eos", [1, 2, 3], 120, stop_ids=[]))
+    assert len(ids) == 120 and IM_END in ids
+    assert ids.index(IM_END) < 100 and ids[ids.index(IM_END) + 1 :] != []
+    assert ENDOFTEXT not in ids
+
+
 @pytest.mark.parametrize("line", [
     b"not json\n",
     b"[1, 2]\n",
