@@ -137,6 +137,7 @@ class OpenAIServing(abc.ABC, Generic[R, Q]):
     """An endpoint family's service, minus HTTP: ``prepare``, then ``complete`` or ``stream``."""
 
     id_prefix: ClassVar[str]  # of response ids: "cmpl", "chatcmpl"
+    id_separator: ClassVar[str] = "-"  # between the prefix and the hex: OpenAI's ids are "resp_<hex>"
     stop_tokens: ClassVar[tuple[str, ...]]  # special tokens that end generation
     body_type: ClassVar[type[BaseModel]]  # the whole response: id, created, model, choices, usage, timings
     chunk_type: ClassVar[type[BaseModel]]  # a streamed chunk: id, created, model, choices, usage, timings
@@ -173,7 +174,7 @@ class OpenAIServing(abc.ABC, Generic[R, Q]):
 
     async def prepare(self, request: R) -> Prepared[R, Q]:
         """Every check that can fail before the HTTP status is sent; the request ready to run."""
-        request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        request_id = f"{self.id_prefix}{self.id_separator}{uuid.uuid4().hex}"
         if request.unknown_fields:
             self._logger.info("request %s: ignoring unknown fields %s", request_id, request.unknown_fields)
         request.check_supported()

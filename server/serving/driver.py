@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -98,7 +99,7 @@ async def generate_text(
     bounded by the prompt.
     """
     gen = _Generation(params, tokenizer, stop)
-    run = _BackendRun(backend, params)
+    run = _BackendRun(backend, phone_params(params))
     ended = "error"  # the finish reason recorded when no Outcome was reached
     try:
         while True:
@@ -112,7 +113,7 @@ async def generate_text(
             if delta is not None:
                 yield delta
             if gen.ending:
-                if gen.matched is not None:
+                if gen.matched is not None or gen.eos_hit:
                     await run.close()  # the phone stops now and is free when the client hears "stop"
                 yield gen.settle()
                 return
@@ -124,8 +125,24 @@ async def generate_text(
         gen.record(metrics, ended)
 
 
+def phone_params(params: GenerationParams) -> GenerationParams:
+    """What the phone is asked: with ``ignore_eos`` or ``min_tokens``, no stop ids at all (the session
+    protocol has no way to say "not before N tokens", and a runtime cannot unsay a token it sampled),
+    so that the host can apply them (:class:`_Generation`)."""
+    if params.ignore_eos or params.min_tokens:
+        return dataclasses.replace(params, stop_ids=[])
+    return params
+
+
 class _Generation:
     """One generation, from the backend's first event to its :class:`Outcome`.
+
+    ``ignore_eos`` / ``min_tokens`` (vLLM's extensions) are applied here, the phone having been sent
+    no stop ids (:func:`phone_params`): a stop id before ``min_tokens`` tokens (any, with
+    ``ignore_eos``) is a token like any other, counted but not shown (its text is a special token's,
+    which vLLM does not show either); the first one from then on ends the generation with "stop" and
+    the request is cancelled on the phone, as for a stop string. Stop strings, too, are looked for
+    only from the ``min_tokens``-th token on (vLLM's rule).
 
     Per batch of events, top to bottom: :meth:`on_events` (timings, phone, the tokens' text),
     :meth:`admit` (the first batch only), :meth:`on_texts` (stop strings; the text safe to show);
@@ -135,7 +152,12 @@ class _Generation:
     def __init__(self, params: GenerationParams, tokenizer: HostTokenizer, stop: list[str]) -> None:
         self.params = params
         self._detok = tokenizer.detokenizer()
-        self._scan = TokenStops(stop)
+        self._scan = TokenStops(stop, min_tokens=params.min_tokens)
+        host_eos = params.ignore_eos or params.min_tokens > 0
+        self._eos = frozenset(params.stop_ids) if host_eos else frozenset()
+        self._eos_from = None if params.ignore_eos else params.min_tokens  # None: never ends on one
+        self.eos_hit = False  # a stop id ended the generation (host-side, see the class docstring)
+        self._taken = 0  # generated tokens taken so far (the batch's events come one by one)
         self.timings: dict[str, float | None] = {
             "host_start_t_ms": _now_ms(), "queue_ms": None, "prefill_ms": None, "decode_ms": None,
             "host_first_token_t_ms": None, "phone_first_token_t_ms": None, "phone_last_token_t_ms": None,
@@ -175,7 +197,21 @@ class _Generation:
             timings["phone_first_token_t_ms"] = ev.t_ms
         timings["phone_last_token_t_ms"] = ev.t_ms
         self._gaps.tokens(max(1, len(ev.ids)), ev.t_ms if ev.t_ms is not None else _now_ms())
-        return [self._detok.feed((i,)) for i in ev.ids]
+        if not self._eos:
+            return [self._detok.feed((i,)) for i in ev.ids]
+        texts: list[str] = []
+        for i in ev.ids:
+            if self.eos_hit:
+                break  # what the phone sent before it heard the cancel
+            if i not in self._eos:
+                texts.append(self._detok.feed((i,)))
+            elif self._eos_from is not None and self._taken >= self._eos_from:
+                self.eos_hit = True  # not counted, as a stop id the phone stopped on is not
+                break
+            else:
+                texts.append("")  # counted, not shown
+            self._taken += 1
+        return texts
 
     def admit(self) -> bool:
         """True once: after the first batch (the phone accepted the prompt)."""
@@ -188,14 +224,14 @@ class _Generation:
         """The text now safe to show, if any; at the end (a stop matched, or the phone finished)
         with the held-back text settled."""
         safe, self.matched = self._scan.feed(texts)
-        if self.matched is None and self.finished is not None:  # a stop may sit in the held-back text
+        if self.matched is None and (self.finished is not None or self.eos_hit):  # a stop may sit in the held-back text
             tail, self.matched = self._scan.flush(self._detok.flush())
             safe += tail
         return TextDelta(safe, self._scan.tokens) if safe else None
 
     @property
     def ending(self) -> bool:
-        return self.matched is not None or self.finished is not None
+        return self.matched is not None or self.finished is not None or self.eos_hit
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -206,7 +242,7 @@ class _Generation:
             self.timings["decode_ms"] = self.finished.decode_ms
         reason: Literal["stop", "length"]
         count = self._counted()
-        if self.matched is not None:
+        if self.matched is not None or self.eos_hit:
             reason = "stop"
         else:
             assert self.finished is not None

@@ -30,6 +30,8 @@ from server.backends.base import Boundary, GenerationParams
 from server.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter
 
 MAX_STOP_STRINGS = 4  # spec: "Up to 4 sequences"
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a seed travels to the phone as a 64-bit integer
+TOP_K_MAX = 2**31 - 1  # phones read top_k as a 32-bit integer
 
 
 class _Request(BaseModel):
@@ -154,6 +156,8 @@ class GenerationRequest(_Request):
         top_k: int | None
         repetition_penalty: float | None
         seed: int | None
+        ignore_eos: bool | None
+        min_tokens: int | None
 
         def check_supported(self) -> None:
             """Reject, naming the field, every non-default value we cannot honour."""
@@ -168,6 +172,15 @@ class GenerationRequest(_Request):
         if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _min_tokens_within_max_tokens(self) -> GenerationRequest:
+        requested, param = self.max_new_requested
+        min_tokens = getattr(self, "min_tokens", None) or 0
+        if requested is not None and min_tokens > requested:
+            raise InvalidRequest(f"min_tokens ({min_tokens}) must be at most {param} ({requested}).",
+                                 param="min_tokens", code="invalid_value")
+        return self
 
     @property
     def stop_strings(self) -> list[str]:
@@ -209,11 +222,13 @@ class GenerationRequest(_Request):
             max_new=max_new,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(self.top_k or 0, 0),
+            top_k=min(max(self.top_k or 0, 0), TOP_K_MAX),  # more than the vocabulary is all of it
             repetition_penalty=self.repetition_penalty or 1.0,
             seed=self.seed,
             stop_ids=stop_ids,
             boundaries=list(boundaries or []),
+            ignore_eos=bool(getattr(self, "ignore_eos", False)),
+            min_tokens=getattr(self, "min_tokens", None) or 0,
         )
 
 
@@ -240,7 +255,7 @@ class CompletionRequest(GenerationRequest):
     max_tokens: StrictInt | None = Field(16, ge=0)  # explicit null: as many as fit in the context
     n: StrictInt | None = Field(1, ge=1, le=128)
     presence_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
@@ -252,6 +267,8 @@ class CompletionRequest(GenerationRequest):
     top_k: StrictInt | None = Field(None, ge=-1)  # 0 or -1: off
     repetition_penalty: StrictFloat | None = Field(None, gt=0.0, le=2.0)  # 1: off
     return_timings: StrictBool | None = False  # add the phone's timeline ("timings") to the final chunk
+    ignore_eos: StrictBool | None = False  # go on past the end-of-sequence tokens, up to max_tokens
+    min_tokens: StrictInt | None = Field(0, ge=0)  # no stop (EOS or stop string) before this many tokens
     # --- end qhx extensions ---
 
     @property

@@ -34,6 +34,7 @@ class StopMatcher:
         # a held tail ends with a character of some stop string: a cheap test for the common case
         self._chars = frozenset("".join(s[:-1] for s in self.stops))
         self._buf = ""
+        self._floor = 0  # no match may end within this many leading characters of _buf (feed_unsearched)
         self.matched: str | None = None
 
     @property
@@ -51,12 +52,25 @@ class StopMatcher:
         # the earliest position where a stop could still begin, completed by text not seen yet
         pending = self._first_partial(buf, before=len(buf) if which is None else at)
         if pending is None and which is not None:
-            self._buf = ""
+            self._buf, self._floor = "", 0
             self.matched = which
             return buf[:at], which
         cut = len(buf) if pending is None else pending
-        self._buf = buf[cut:]
+        self._buf, self._floor = buf[cut:], max(0, self._floor - cut)
         return buf[:cut], None
+
+    def feed_unsearched(self, piece: str) -> str:
+        """Text in which no stop may end, though one may start in it and end in text fed later (vLLM's
+        ``min_tokens``); the text safe to show."""
+        if self.matched is not None:
+            return ""
+        if not self.stops:
+            return piece
+        buf = self._buf + piece
+        pending = self._first_partial(buf, before=len(buf))
+        cut = len(buf) if pending is None else pending
+        self._buf, self._floor = buf[cut:], len(buf) - cut
+        return buf[:cut]
 
     def flush(self) -> tuple[str, str | None]:
         """The end of the text: release what was held back, cut at a stop found in it."""
@@ -64,6 +78,7 @@ class StopMatcher:
         if self.matched is not None:
             return "", self.matched
         at, which = self._first_match(buf)
+        self._floor = 0
         if which is None:
             return buf, None
         self.matched = which
@@ -72,7 +87,7 @@ class StopMatcher:
     def _first_match(self, buf: str) -> tuple[int, str | None]:
         at, which = -1, None
         for stop in self.stops:  # longest first, so ties keep the longest
-            i = buf.find(stop)
+            i = buf.find(stop, max(0, self._floor - len(stop) + 1))  # ending past the floor
             if i != -1 and (which is None or i < at):
                 at, which = i, stop
         return at, which
@@ -97,13 +112,19 @@ class TokenStops:
     :class:`StopMatcher` does. ``tokens`` is the completion token count; ``stop_end`` the offset in the
     generated text right after the matched stop string.
 
+    With ``min_tokens``, no stop may end in the text of the first ``min_tokens`` tokens, though one may
+    start there and end in a later token (vLLM's v1 detokenizer: stop strings are looked for once more
+    than ``min_tokens`` tokens are out, in the text the new tokens added, a match reaching back into
+    the earlier text by up to its length).
+
     The text is cut at the earliest match. Of the stops that start there, the shortest completes first,
     so it is the one reported and counted: ``[":", "::"]`` on ``":"`` ``":"`` is ``":"`` after one
     token, whether the two tokens came one by one or together.
     """
 
-    def __init__(self, stops: Iterable[str]) -> None:
+    def __init__(self, stops: Iterable[str], *, min_tokens: int = 0) -> None:
         self._matcher = StopMatcher(stops)
+        self._min_tokens = min_tokens  # no stop ends in the text of the first ones (vLLM's min_tokens)
         self._parts: list[str] = []
         self._ends: list[int] = []  # text length at the end of each token
         self._length = 0
@@ -124,11 +145,15 @@ class TokenStops:
     def feed(self, texts: Sequence[str]) -> tuple[str, str | None]:
         if self.matched is not None:
             return "", self.matched
+        early = "".join(texts[: max(0, self._min_tokens - len(self._ends))])
         for t in texts:
             self._length += len(t)
             self._ends.append(self._length)
         self._parts.extend(texts)
-        return self._settle(*self._matcher.feed("".join(texts)))
+        shown = self._matcher.feed_unsearched(early) if early else ""
+        self._released += len(shown)
+        safe, matched = self._settle(*self._matcher.feed("".join(texts)[len(early):]))
+        return shown + safe, matched
 
     def flush(self, tail: str = "") -> tuple[str, str | None]:
         if self.matched is not None:
@@ -139,11 +164,18 @@ class TokenStops:
             if self._ends:
                 self._ends[-1] = self._length
             self._parts.append(tail)
-            safe, matched = self._matcher.feed(tail)
+            if len(self._ends) <= self._min_tokens:  # part of a token within min_tokens
+                safe = self._matcher.feed_unsearched(tail)
+            else:
+                safe, matched = self._matcher.feed(tail)
         if matched is None:
             rest, matched = self._matcher.flush()
             safe += rest
         return self._settle(safe, matched)
+
+    def _length_of(self, tokens: int) -> int:
+        """The length of the text of the first ``tokens`` tokens."""
+        return self._ends[min(tokens, len(self._ends)) - 1] if tokens and self._ends else 0
 
     def _settle(self, safe: str, matched: str | None) -> tuple[str, str | None]:
         self._released += len(safe)
@@ -151,7 +183,8 @@ class TokenStops:
             return safe, None
         at = self._released  # the text released is exactly the text before the match
         after = self.text[at:]
-        self.matched = min((s for s in self._matcher.stops if after.startswith(s)), key=len)
+        floor = self._length_of(self._min_tokens) - at  # a stop ends past the first min_tokens' text
+        self.matched = min((s for s in self._matcher.stops if after.startswith(s) and len(s) > floor), key=len)
         self.stop_end = at + len(self.matched)
         self._count = min(bisect.bisect_left(self._ends, self.stop_end) + 1, len(self._ends))
         return safe, self.matched

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, decoders
 
 from server.bytelevel import byte_decoder
 from server.errors import ContextLengthExceeded
+from server.memory import settle_heap
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,10 @@ class HostTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> HostTokenizer:
-        return cls(Tokenizer.from_file(str(path)), name=Path(path).name)
+        """Load a tokenizer.json (blocking: seconds for a large vocabulary, run it in a thread)."""
+        host = cls(Tokenizer.from_file(str(path)), name=Path(path).name)
+        settle_heap()  # the parse's peak out of the RSS (server/memory.py)
+        return host
 
     def _byte_table(self) -> list[bytes] | None:
         added = {i: tok.content for i, tok in self._tk.get_added_tokens_decoder().items()}

@@ -82,3 +82,48 @@ def test_every_request_refuses_a_lone_surrogate_naming_the_field(model: Any, bod
     assert caught.value.param == param
     assert caught.value.status_code == 400
     caught.value.message.encode("utf-8")  # the message itself can be sent
+
+
+CHAT_MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("model", "body", "param"), [
+    (CompletionRequest, {"prompt": "x", "max_tokens": 5, "min_tokens": 6}, "max_tokens"),
+    (ChatCompletionRequest, {"messages": CHAT_MESSAGES, "max_tokens": 5, "min_tokens": 6}, "max_tokens"),
+    (ChatCompletionRequest, {"messages": CHAT_MESSAGES, "max_completion_tokens": 5, "max_tokens": 50,
+                             "min_tokens": 6}, "max_completion_tokens"),
+])
+def test_min_tokens_over_the_budget_is_refused_naming_both(model: Any, body: dict, param: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        model.model_validate({"model": "m", **body})
+    assert err.value.param == "min_tokens" and param in err.value.message
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_ignore_eos_and_min_tokens_reach_the_phone_parameters(model: Any) -> None:
+    body = {"prompt": "x"} if model is CompletionRequest else {"messages": CHAT_MESSAGES}
+    request = model.model_validate({"model": "m", **body, "max_tokens": 9, "ignore_eos": True, "min_tokens": 9})
+    p = request.to_generation_params(request_id="r", model="m", prompt_ids=[1], max_new=9, stop_ids=[7])
+    assert p.ignore_eos is True and p.min_tokens == 9 and p.stop_ids == [7]  # the driver strips them
+    plain = model.model_validate({"model": "m", **body})
+    q = plain.to_generation_params(request_id="r", model="m", prompt_ids=[1], max_new=9, stop_ids=[7])
+    assert q.ignore_eos is False and q.min_tokens == 0
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+@pytest.mark.parametrize(("seed", "ok"), [(2**63 - 1, True), (-(2**63), True), (2**63, False), (-(2**63) - 1, False),
+                                          (10**30, False)])
+def test_a_seed_is_a_64_bit_integer(model: Any, seed: int, ok: bool) -> None:
+    """The phone reads it as one: a larger one would fail on the phone (a 5xx) instead of here (a 400)."""
+    body = {"prompt": "x"} if model is CompletionRequest else {"messages": CHAT_MESSAGES}
+    if ok:
+        assert model.model_validate({"model": "m", **body, "seed": seed}).seed == seed
+    else:
+        with pytest.raises(ValueError):
+            model.model_validate({"model": "m", **body, "seed": seed})
+
+
+def test_a_top_k_past_32_bits_means_all_tokens_and_reaches_the_phone_as_the_largest_32_bit_one() -> None:
+    request = CompletionRequest.model_validate({"model": "m", "prompt": "x", "top_k": 10**30})
+    p = request.to_generation_params(request_id="r", model="m", prompt_ids=[1], max_new=1, stop_ids=[])
+    assert p.top_k == 2**31 - 1

@@ -168,10 +168,11 @@ def count_reference(tokens: list[str], stops: list[str]) -> tuple[str, int]:
     raise AssertionError("the stop is in the text")
 
 
-def scan_batches(stops: list[str], tokens: list[str], cuts: list[int], tail: str = "") -> tuple[str, int, TokenStops]:
+def scan_batches(stops: list[str], tokens: list[str], cuts: list[int], tail: str = "",
+                 min_tokens: int = 0) -> tuple[str, int, TokenStops]:
     """Feed ``tokens`` in batches cut at ``cuts`` (token indices), as the engine does."""
     points = sorted({c % (len(tokens) + 1) for c in cuts} | {0, len(tokens)})
-    scan = TokenStops(stops)
+    scan = TokenStops(stops, min_tokens=min_tokens)
     out = ""
     for a, b in itertools.pairwise(points):
         safe, matched = scan.feed(tokens[a:b])
@@ -222,3 +223,59 @@ def test_the_detokenizer_tail_belongs_to_the_last_token() -> None:
     scan = TokenStops(["x"])
     scan.feed(["a", "b"])
     assert scan.flush() == ("", None) and scan.tokens == 2 and scan.stop_end is None
+
+
+def min_tokens_reference(tokens: list[str], stops: list[str], min_tokens: int) -> tuple[str, int]:
+    """vLLM's rule (v1 detokenizer): stop strings are looked for once more than ``min_tokens`` tokens are
+    out, in the text those later tokens added: a match must *end* past the first ``min_tokens`` tokens'
+    text, though it may start in it. Then as without: the earliest such match, counted to its token."""
+    text = "".join(tokens)
+    floor = len("".join(tokens[:min_tokens]))
+    hits = []
+    for stop in stops:
+        at = text.find(stop, max(0, floor - len(stop) + 1))
+        if at != -1:
+            hits.append((at, len(stop)))
+    if not hits:
+        return text, len(tokens)
+    at, length = min(hits)
+    end, seen = at + length, 0
+    for k, t in enumerate(tokens):
+        seen += len(t)
+        if seen >= end:
+            return text[:at], k + 1
+    raise AssertionError("the stop is in the text")
+
+
+@st.composite
+def min_tokens_cases(draw: st.DrawFn) -> tuple[list[str], list[str], int]:
+    """Tokens, min_tokens within them (or past), and stops, some cut from the text around the point
+    where the first min_tokens tokens end (the matches that tell the rule apart are rare otherwise)."""
+    tokens = draw(st.lists(TOKEN_TEXT, max_size=30))
+    min_tokens = draw(st.integers(0, len(tokens) + 2))
+    text, floor = "".join(tokens), len("".join(tokens[:min_tokens]))
+    around = st.tuples(st.integers(max(0, floor - 4), floor), st.integers(1, 5)).map(lambda p: text[p[0]:p[0] + p[1]])
+    stops = draw(st.lists(st.one_of(st.text(ALPHABET, min_size=1, max_size=5), around.filter(bool)),
+                          min_size=1, max_size=4))
+    return tokens, stops, min_tokens
+
+
+@SETTINGS
+@given(case=min_tokens_cases(), cuts=st.lists(st.integers(0, 1000), max_size=10))
+def test_min_tokens_keeps_out_stops_that_end_in_the_first_tokens_whatever_the_batches(
+    case: tuple[list[str], list[str], int], cuts: list[int]
+) -> None:
+    tokens, stops, min_tokens = case
+    want_text, want_count = min_tokens_reference(tokens, stops, min_tokens)
+    for cut in (list(range(len(tokens))), [], cuts):
+        out, count, _scan = scan_batches(stops, tokens, cut, min_tokens=min_tokens)
+        assert (out, count) == (want_text, want_count)
+
+
+def test_a_stop_may_start_in_the_first_min_tokens_and_end_after_them() -> None:
+    """As vLLM: "bc" ends in the second token, so it stops there, cut where it starts. The text of the
+    first min_tokens was shown unsearched, and a stop across the boundary was never found."""
+    out, count, scan = scan_batches(["bc"], ["ab", "cd"], [1], min_tokens=1)
+    assert (out, count, scan.matched) == ("a", 2, "bc")
+    out, count, scan = scan_batches(["ab"], ["ab", "cd"], [1], min_tokens=1)  # ends in the first: not a stop
+    assert (out, count, scan.matched) == ("abcd", 2, None)

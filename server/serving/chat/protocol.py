@@ -24,11 +24,15 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    field_validator,
     model_serializer,
 )
 
 from server.errors import InvalidRequest, UnsupportedParameter
+from server.serving.chat.tools import check_tool_name
 from server.serving.protocol import (
+    SEED_MAX,
+    SEED_MIN,
     CompletionUsage,
     ContextWording,
     GenerationRequest,
@@ -95,6 +99,11 @@ class FunctionDefinition(BaseModel):
     parameters: dict[str, Any] | None = None
     strict: StrictBool | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _callable(cls, name: str) -> str:
+        return check_tool_name(name)
+
 
 class Tool(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -148,7 +157,7 @@ class ChatCompletionRequest(GenerationRequest):
     parallel_tool_calls: StrictBool | None = True
     presence_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
@@ -165,6 +174,8 @@ class ChatCompletionRequest(GenerationRequest):
     enable_thinking: StrictBool | None = None  # shorthand (DashScope/SGLang style); chat_template_kwargs wins
     return_timings: StrictBool | None = False  # add the phone's timeline ("timings") to the response
     context_overflow: ContextOverflow | None = None  # a conversation that outgrows the context; null: the server's
+    ignore_eos: StrictBool | None = False  # go on past the end-of-sequence tokens, up to max_completion_tokens
+    min_tokens: StrictInt | None = Field(0, ge=0)  # no stop (EOS or stop string) before this many tokens
     # --- end qhx extensions ---
 
     @property

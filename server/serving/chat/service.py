@@ -116,6 +116,11 @@ class ChatService(OpenAIServing[ChatCompletionRequest, RenderedPrompt]):
             text += plan.prefill
         return RenderedPrompt(info, tok, text, [], plan, thinking, template.source)
 
+    async def prompt(self, request: ChatCompletionRequest) -> RenderedPrompt:
+        """The prompt a chat completion of ``request`` would send (``context_overflow`` applied), for
+        an endpoint family rendered as a chat (the Responses API)."""
+        return await self._prompt(request)
+
     async def _prompt(self, request: ChatCompletionRequest) -> RenderedPrompt:
         if (request.context_overflow or self._context_overflow) == "drop-oldest":
             return await self._drop_oldest(request)

@@ -253,6 +253,18 @@ class _OpenCall:
 
 
 _HEADER = re.compile(r"\s*<function=\s*([^<>\s]+)\s*>")
+_NAME = re.compile(r"[^<>\s]+")  # what a header carries as a name
+
+
+def check_tool_name(name: str) -> str:
+    """A function name the model can call (the requests' validators: a 400 naming the field). Calls
+    are written ``<function=NAME>``: a name with whitespace, '<' or '>' came back as markup in the
+    text, or as a call to part of it ("a>b": a call to "a")."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{name[:64]!r} cannot be called: this model writes a call as <function=NAME>, so "
+                         "a tool's name holds no whitespace, '<' or '>' (OpenAI allows letters, digits, '_' "
+                         "and '-', up to 64)")
+    return name
 _REPEATED_HEADER = re.compile(r"<tool_call>\s*<function=\s*([^<>\s]+)\s*>")
 _PARAM_HEAD = re.compile(r"<parameter=([^>\n]*)>")
 
