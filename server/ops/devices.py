@@ -6,7 +6,8 @@ No server needs to be running. Each adb server is asked for its devices, and eac
 ``device`` is discovered exactly as the server discovers it (:func:`~server.backends.adb.discovery
 .discover`, minus the tokenizer pull). Rows are :class:`~server.backends.base.PhoneHealth`, the shape
 of ``GET /v1/devices``, so ``--json`` prints the same fields; what only a running server knows (the
-request in flight, tokens served, decode rate, uptime) stays empty. ``state`` here means:
+request in flight, tokens served, decode rate, uptime) stays empty; the phone's temperature, thermal
+status and battery are read once (``dumpsys``), as the server polls them. ``state`` here means:
 
 * ``ready``: discovery passed, a server would serve this phone (``model`` says as what);
 * ``incompatible``: it cannot serve (no bundle, wrong SoC ...), ``last_error`` says why;
@@ -16,6 +17,7 @@ request in flight, tokens served, decode rate, uptime) stays empty. ``state`` he
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -24,12 +26,14 @@ from typing import TextIO
 from adbutils.errors import AdbError
 
 from server.backends.adb.discovery import discover
+from server.backends.adb.dumpsys import ThermalStatus
+from server.backends.adb.telemetry import fill_reading, read_health
 from server.backends.adb.transport import AdbServerClient, format_server, list_devices, resolve_adb_servers
 from server.backends.base import PhoneHealth, PhoneState
 from server.errors import QhxError
 from server.settings import Settings
 
-COLUMNS = ("ADB SERVER", "SERIAL", "PHONE", "SOC", "BUNDLES", "MODEL", "STATE", "NOTE")
+COLUMNS = ("ADB SERVER", "SERIAL", "PHONE", "SOC", "BUNDLES", "MODEL", "STATE", "THERMAL", "BATTERY", "NOTE")
 
 
 async def _phone(client: AdbServerClient, serial: str, adb_state: str, settings: Settings) -> PhoneHealth:
@@ -44,6 +48,8 @@ async def _phone(client: AdbServerClient, serial: str, adb_state: str, settings:
         row.last_error = f"no answer: {e}"
         return row
     row.product_model, row.soc, row.simulated = facts.product_model, facts.soc, facts.simulated
+    with contextlib.suppress(QhxError, AdbError, OSError, TimeoutError):  # health is a bonus: "-" without it
+        fill_reading(row, await read_health(client, serial, settings.adb_timeout_s))
     row.bundles = [b.name for b in facts.bundles]
     row.bundle = facts.bundle.name if facts.bundle else None
     if facts.problem is not None:
@@ -77,12 +83,28 @@ def render_table(rows: list[PhoneHealth]) -> str:
         bundles = ",".join(f"{b}*" if b == r.bundle and len(r.bundles) > 1 else b for b in r.bundles)
         model = (r.model or "-") + (" (simulated)" if r.simulated and r.model else "")
         lines.append([r.adb_server, r.serial, r.product_model or "-", r.soc or "-", bundles or "-", model,
-                      r.state.value, r.last_error or ""])
+                      r.state.value, thermal_cell(r), battery_cell(r), r.last_error or ""])
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS) - 1)]
     return "".join(
         ("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1]).rstrip() + "\n"
         for line in lines
     )
+
+
+def thermal_cell(row: PhoneHealth) -> str:
+    """``44.1°C SEVERE``: the temperature and Android's thermal status, what is known of them."""
+    parts = [] if row.temperature_c is None else [f"{row.temperature_c:.1f}°C"]
+    if row.thermal_status is not None and 0 <= row.thermal_status <= ThermalStatus.SHUTDOWN:
+        parts.append(ThermalStatus(row.thermal_status).name)
+    return " ".join(parts) or "-"
+
+
+def battery_cell(row: PhoneHealth) -> str:
+    """``84% charging``."""
+    if row.battery_level is None:
+        return "-"
+    charging = {True: " charging", False: " on battery", None: ""}[row.charging]
+    return f"{row.battery_level:.0f}%{charging}"
 
 
 def print_devices(settings: Settings, *, as_json: bool = False, out: TextIO | None = None) -> int:

@@ -1,21 +1,54 @@
-"""Progress of a batch of file transfers: the events, and a small renderer for a terminal.
+"""Progress of operator commands: the events, and live bars drawn with rich.
 
-Provisioning reports what it does through :class:`Progress` (every method a no-op, so tests can
-subclass it to count or to act at a given byte); :class:`TerminalProgress` draws it on stderr: on a
-terminal two bars redrawn in place (the current file, and the whole batch with speed and ETA), at
-most ten times a second; elsewhere (logs, CI) one line per file, no bars.
+Two kinds of work report progress:
+
+* batches of file transfers (``provision``: hashing local files, pushing to phones): the
+  :class:`Progress` events, one stream of them per phone (:meth:`Progress.phone`), so phones
+  provisioned in parallel each get their own bar;
+* checks that take a while (``doctor``): :class:`Steps`, one line per phone naming the check that
+  runs, with a bar when its length is known (the sustained decode run).
+
+:class:`LiveProgress` draws both on stderr with `rich <https://rich.readthedocs.io>`_ (chosen over
+tqdm: one live region holds any number of bars updated from several threads at once, permanent lines
+print above it without tearing it, and when stderr is not a terminal it draws nothing at all, so logs
+and CI get only the permanent lines). The plain :class:`Progress` and :class:`Steps` do nothing, so
+tests subclass them to count or to act at a given byte.
 """
 
 from __future__ import annotations
 
-import os
+import logging
+import threading
 import time
-from typing import TextIO
+from types import TracebackType
+from typing import Self, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.progress import Progress as RichProgress
+from rich.text import Text
 
 
 class Progress:
     """Events of a batch: ``begin``, then per file ``start_file`` / ``advance``... / ``end_file``,
-    with ``note`` lines in between, then ``end``. Called from the thread doing the transfer."""
+    with ``note`` lines in between, then ``end``. Called from the thread doing the transfer; a
+    phone's events go to its own view, :meth:`phone`."""
+
+    def phone(self, serial: str) -> Progress:
+        """Where the events of one phone go (phones may run in parallel, one thread each)."""
+        return self
 
     def begin(self, title: str, files: int, total_bytes: int, *, file_lines: bool = True) -> None:
         """A batch of ``files`` files, ``total_bytes`` in all, starts. ``file_lines``: each file is
@@ -37,6 +70,19 @@ class Progress:
         """The batch is over (finished or not)."""
 
 
+class Steps:
+    """Progress of checks per phone (doctor): which check runs, and how far a long one got."""
+
+    def step(self, serial: str, text: str, total: float | None = None) -> None:
+        """``serial`` now runs ``text``; ``total``: its length in units of :meth:`advance`."""
+
+    def advance_step(self, serial: str, amount: float) -> None:
+        """The current step of ``serial`` got ``amount`` further."""
+
+    def done(self, serial: str, summary: str) -> None:
+        """``serial`` is finished; ``summary`` is worth a permanent line."""
+
+
 def fmt_bytes(n: float) -> str:
     """Decimal units, as the model card sizes its files (961 MB)."""
     for unit in ("B", "kB", "MB", "GB"):
@@ -46,128 +92,189 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def fmt_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds + 0.5))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else (
-        f"{seconds // 60}:{seconds % 60:02d}")
+class _BytesColumn(ProgressColumn):
+    """Transferred/total and speed for byte tasks; nothing for step tasks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._size, self._speed = DownloadColumn(), TransferSpeedColumn()
+
+    def render(self, task: Task) -> Text:
+        if not task.fields.get("bytes"):
+            return Text("")
+        return Text.assemble(self._size.render(task), " ", self._speed.render(task))
 
 
-def bar(fraction: float, width: int) -> str:
-    filled = int(max(0.0, min(1.0, fraction)) * width)
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
+class LiveProgress(Progress, Steps):
+    """Live bars on ``stream`` (stderr) and permanent lines above them; use it as a context manager.
 
-
-class TerminalProgress(Progress):
-    """Renders progress to ``stream`` (stderr); ``tty`` defaults to ``stream.isatty()``."""
-
-    REDRAW_S = 0.1
+    ``tty`` defaults to whether ``stream`` is a terminal; when it is not, only permanent lines are
+    written (one per file pushed, notes, a summary per batch or phone)."""
 
     def __init__(self, stream: TextIO, *, tty: bool | None = None) -> None:
-        self.stream = stream
-        self.tty = stream.isatty() if tty is None else tty
-        self._title = ""
-        self._files = 0
-        self._total = 0
-        self._done_files = 0
-        self._done_bytes = 0  # of the batch, current file included
-        self._started = 0.0
-        self._name = ""
-        self._size = 0
-        self._file_bytes = 0
-        self._file_started = 0.0
-        self._drawn = False
-        self._last_draw = 0.0
-        self._file_lines = True
+        self.console = Console(file=stream, force_terminal=tty, highlight=False, soft_wrap=True,
+                               emoji=False, markup=False)
+        self._bars = RichProgress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+            _BytesColumn(), TimeRemainingColumn(), TimeElapsedColumn(),
+            console=self.console, transient=True, refresh_per_second=8,
+        )
+        self._lock = threading.Lock()
+        self._views: dict[str, _TransferView] = {}
+        self._steps: dict[str, TaskID] = {}
+        self._started = False
 
-    # -- events
+    # -- lifetime
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop drawing (the bars vanish; permanent lines stay)."""
+        with self._lock:
+            if self._started:
+                self._bars.stop()
+                self._started = False
+
+    def _task(self, description: str, total: float | None, *, nbytes: bool) -> TaskID:
+        with self._lock:
+            if not self._started and self.console.is_terminal:  # elsewhere: permanent lines only
+                self._bars.start()
+                self._started = True
+        return self._bars.add_task(description, total=total, bytes=nbytes)
+
+    def _remove(self, task: TaskID) -> None:
+        self._bars.remove_task(task)
+
+    def line(self, text: str) -> None:
+        """A permanent line (above the bars while they are drawn)."""
+        self.console.print(text, markup=False, highlight=False, emoji=False)
+
+    def log_handler(self) -> logging.Handler:
+        """A logging handler whose records are permanent lines (a plain stream handler would tear the
+        bars)."""
+        owner = self
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                try:
+                    owner.line(f"{record.levelname} {self.format(record)}")
+                except Exception:  # noqa: BLE001 - logging must never raise into the caller
+                    self.handleError(record)
+
+        return Handler()
+
+    # -- transfers (Progress): the events without a phone go to an unnamed view
+
+    def phone(self, serial: str) -> Progress:
+        with self._lock:
+            view = self._views.get(serial)
+            if view is None:
+                view = self._views[serial] = _TransferView(self, serial)
+            return view
 
     def begin(self, title: str, files: int, total_bytes: int, *, file_lines: bool = True) -> None:
-        self._title, self._files, self._total = title, files, total_bytes
-        self._file_lines = file_lines
+        self.phone("").begin(title, files, total_bytes, file_lines=file_lines)
+
+    def start_file(self, name: str, size: int) -> None:
+        self.phone("").start_file(name, size)
+
+    def advance(self, nbytes: int) -> None:
+        self.phone("").advance(nbytes)
+
+    def end_file(self, ok: bool, note: str = "") -> None:
+        self.phone("").end_file(ok, note)
+
+    def note(self, text: str) -> None:
+        self.phone("").note(text)
+
+    def end(self) -> None:
+        self.phone("").end()
+
+    # -- checks (Steps)
+
+    def step(self, serial: str, text: str, total: float | None = None) -> None:
+        description = f"{serial}  {text}"
+        task = self._steps.get(serial)
+        if task is None:
+            self._steps[serial] = self._task(description, total, nbytes=False)
+        else:
+            self._bars.reset(task, total=total, description=description)
+
+    def advance_step(self, serial: str, amount: float) -> None:
+        task = self._steps.get(serial)
+        if task is not None:
+            self._bars.advance(task, amount)
+
+    def done(self, serial: str, summary: str) -> None:
+        task = self._steps.pop(serial, None)
+        if task is not None:
+            self._remove(task)
+        self.line(summary)
+
+
+class _TransferView(Progress):
+    """The transfer events of one phone (or of the local side, ``serial`` ""): one bar per batch."""
+
+    def __init__(self, owner: LiveProgress, serial: str) -> None:
+        self._owner = owner
+        self._prefix = f"{serial}: " if serial else ""
+        self._title = ""
+        self._files = self._done_files = self._done_bytes = 0
+        self._file_lines = True
+        self._task: TaskID | None = None
+        self._started = self._file_started = 0.0
+        self._name = ""
+        self._file_bytes = 0
+
+    def begin(self, title: str, files: int, total_bytes: int, *, file_lines: bool = True) -> None:
+        self._title, self._files, self._file_lines = title, files, file_lines
         self._done_files = self._done_bytes = 0
         self._started = time.monotonic()
         if files:
-            self._write_line(f"{title}: {files} file(s), {fmt_bytes(total_bytes)}")
+            if file_lines:
+                self._owner.line(f"{self._prefix}{title}: {files} file(s), {fmt_bytes(total_bytes)}")
+            self._task = self._owner._task(f"{self._prefix}{title}", total_bytes, nbytes=True)
 
     def start_file(self, name: str, size: int) -> None:
-        self._name, self._size, self._file_bytes = name, size, 0
+        self._name, self._file_bytes = name, 0
         self._file_started = time.monotonic()
-        if self.tty:
-            self._draw(force=True)
-        elif self._file_lines:
-            self._write_line(f"  {name} ({fmt_bytes(size)}) ...")
+        if self._task is not None:
+            short = name if len(name) <= 34 else "..." + name[-31:]
+            self._owner._bars.update(self._task, description=f"{self._prefix}{self._title}: {short} "
+                                     f"({self._done_files + 1}/{self._files})")
 
     def advance(self, nbytes: int) -> None:
         self._file_bytes += nbytes
         self._done_bytes += nbytes
-        if self.tty:
-            self._draw()
+        if self._task is not None:
+            self._owner._bars.advance(self._task, nbytes)
 
     def end_file(self, ok: bool, note: str = "") -> None:
         elapsed = max(time.monotonic() - self._file_started, 1e-6)
         self._done_files += ok
         if not self._file_lines:
-            self._name = ""
-            self._clear()
             return
         if ok:
-            text = f"  ok   {self._name} {fmt_bytes(self._file_bytes)} in {elapsed:.1f} s " \
-                   f"({fmt_bytes(self._file_bytes / elapsed)}/s)"
+            text = (f"ok   {self._name} {fmt_bytes(self._file_bytes)} in {elapsed:.1f} s "
+                    f"({fmt_bytes(self._file_bytes / elapsed)}/s)")
         else:
-            text = f"  FAIL {self._name} after {fmt_bytes(self._file_bytes)}"
-        self._name = ""  # no bars until the next file
-        self._write_line(text + (f"  {note}" if note else ""))
+            text = f"FAIL {self._name} after {fmt_bytes(self._file_bytes)}"
+        self._owner.line(f"  {self._prefix}{text}" + (f"  {note}" if note else ""))
 
     def note(self, text: str) -> None:
-        self._write_line(f"  {text}")
+        self._owner.line(f"  {self._prefix}{text}")
 
     def end(self) -> None:
-        if self._files:
+        if self._task is not None:
+            self._owner._remove(self._task)
+            self._task = None
+        if self._files and self._file_lines:
             elapsed = max(time.monotonic() - self._started, 1e-6)
-            self._write_line(f"{self._title}: {self._done_files}/{self._files} file(s), "
+            self._owner.line(f"{self._prefix}{self._title}: {self._done_files}/{self._files} file(s), "
                              f"{fmt_bytes(self._done_bytes)} in {elapsed:.1f} s")
         self._files = 0
-
-    # -- drawing
-
-    def _write_line(self, text: str) -> None:
-        """A permanent line: above the bars on a terminal (they are redrawn below it)."""
-        self._clear()
-        self.stream.write(text + "\n")
-        if self.tty and self._name:
-            self._draw(force=True)
-        self.stream.flush()
-
-    def _clear(self) -> None:
-        if self._drawn:
-            # erase the batch line, go up, erase the file line
-            self.stream.write("\r\x1b[K\x1b[1A\r\x1b[K")
-            self._drawn = False
-
-    def _columns(self) -> int:
-        try:
-            return os.get_terminal_size(self.stream.fileno()).columns or 100
-        except (AttributeError, OSError, ValueError):
-            return 100
-
-    def _draw(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_draw < self.REDRAW_S:
-            return
-        self._last_draw = now
-        width = max(40, self._columns() - 1)
-        bar_w = max(10, width - 68)
-        file_frac = self._file_bytes / self._size if self._size else 1.0
-        all_frac = self._done_bytes / self._total if self._total else 1.0
-        rate = self._done_bytes / max(now - self._started, 1e-6)
-        eta = (self._total - self._done_bytes) / rate if rate > 0 else 0.0
-        name = self._name if len(self._name) <= 34 else "..." + self._name[-31:]
-        file_line = (f"{name:<34} {bar(file_frac, bar_w)} {file_frac:4.0%} "
-                     f"{fmt_bytes(self._file_bytes)}/{fmt_bytes(self._size)}")
-        label = f"all {self._done_files + 1}/{self._files}"
-        all_line = (f"{label:<34} {bar(all_frac, bar_w)} {all_frac:4.0%} {fmt_bytes(rate)}/s "
-                    f"ETA {fmt_duration(eta)}")
-        self._clear()
-        self.stream.write(file_line[:width] + "\n" + all_line[:width])
-        self._drawn = True
-        self.stream.flush()

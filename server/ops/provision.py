@@ -1,6 +1,7 @@
 """`qhx-server provision`: push a model bundle (and the runtime) to phones, resumable and verified.
 
-For each phone, one after the other:
+For each phone (several at once, ``--parallel`` bounds how many: a bench of phones on several USB
+hubs is limited by each link, not by the host):
 
 1. refuse it, before anything is written, when its SoC (``getprop`` ro.soc.model) cannot run the
    bundle's Hexagon arch (discovery's table and check);
@@ -25,6 +26,7 @@ import logging
 import re
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ from server.backends.adb.transport import AdbServerClient, format_server, resolv
 from server.cli import ArgumentParser
 from server.errors import PhoneLost
 from server.ops.devicefs import PushRefused, list_devices, push, shell, stat_sizes
-from server.ops.progress import Progress, TerminalProgress, fmt_bytes
+from server.ops.progress import LiveProgress, Progress, fmt_bytes
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ RUNTIME_EXE = "qhx_generate"
 PART = ".part"
 # what a slow phone's sha256sum reads per second (sets the hashing timeouts, not the speed)
 PHONE_HASH_BYTES_PER_S = 20e6
+PARALLEL = 4  # phones provisioned at once by default
 _SHA_LINE = re.compile(r"^\\?(?P<sha>[0-9a-fA-F]{64}) [ *](?P<name>.+)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
 
@@ -217,12 +220,26 @@ def _hashes(client: AdbServerClient, serial: str, root: str, rels: Iterable[str]
     rels = list(rels)
     if not rels:
         return {}
-    command = f"cd {sh_quote(root)} && sha256sum " + " ".join(sh_quote("./" + r) for r in rels)
-    res = shell(client, serial, command, timeout=timeout + nbytes / PHONE_HASH_BYTES_PER_S)
-    if res.exit_code == 127:
+    res = shell(client, serial, hash_command(root, rels), timeout=hash_timeout(timeout, nbytes))
+    return parse_hashes(res.exit_code, res.text())
+
+
+def hash_command(root: str, rels: Iterable[str]) -> str:
+    """The phone command hashing ``rels`` (paths under ``root``) with ``sha256sum``."""
+    return f"cd {sh_quote(root)} && sha256sum " + " ".join(sh_quote("./" + r) for r in rels)
+
+
+def hash_timeout(timeout: float, nbytes: int) -> float:
+    """How long hashing ``nbytes`` on a slow phone may take."""
+    return timeout + nbytes / PHONE_HASH_BYTES_PER_S
+
+
+def parse_hashes(exit_code: int | None, text: str) -> dict[str, str]:
+    """rel -> sha256 from the output of :func:`hash_command` (Refused when the phone has no sha256sum)."""
+    if exit_code == 127:
         raise Refused("the phone has no sha256sum (toybox has it since Android 6); cannot verify")
     found = {}
-    for line in res.text().splitlines():
+    for line in text.splitlines():
         m = _SHA_LINE.match(line)
         if m:
             found[m["name"].removeprefix("./")] = m["sha"].lower()
@@ -267,7 +284,7 @@ class _PhoneJob:
         self.report.soc = props.get("ro.soc.model") or None
         self.report.product = props.get("ro.product.model") or None
         if not self.plan.arch:
-            self.progress.note(f"{self.serial}: the bundle does not say its Hexagon arch; SoC not checked")
+            self.progress.note("the bundle does not say its Hexagon arch; SoC not checked")
             return
         why = arch_mismatch(self.plan.arch, self.report.soc)
         if why:
@@ -314,7 +331,7 @@ class _PhoneJob:
         if todo:  # the device root itself may not exist yet
             _run(self.client, self.serial, f"mkdir -p {sh_quote(self.root + '/' + self.plan.name)}",
                  self.timeout)
-        self.progress.begin(f"{self.serial}: push", len(todo), sum(f.size for f in todo))
+        self.progress.begin("push", len(todo), sum(f.size for f in todo))
         try:
             for f in self.plan.files:
                 if state[f.rel] == "part":
@@ -421,13 +438,48 @@ def listed_states(listed: dict[str, tuple[AdbServerClient, str]]) -> str:
 
 
 def provision(plan: Plan, settings: Settings, *, serials: list[str] | None = None, all_phones: bool = False,
-              progress: Progress | None = None) -> list[PhoneReport]:
-    """Provision the chosen phones one after the other; a report per phone. NoPhone if none is chosen."""
+              progress: Progress | None = None, parallel: int = PARALLEL) -> list[PhoneReport]:
+    """Provision the chosen phones, at most ``parallel`` at once (one thread each, each with its own
+    progress view); a report per phone, in the order chosen. NoPhone if none is chosen."""
+    if parallel < 1:
+        raise ValueError("parallel must be >= 1")
     progress = progress or Progress()
     phones, reports = select_phones(settings, serials or [], all_phones)
     root = settings.device_root.rstrip("/") or "/"
-    for client, serial in phones:
-        reports.append(_PhoneJob(client, serial, plan, root, settings.adb_timeout_s, progress).run())
+    jobs = [_PhoneJob(client, serial, plan, root, settings.adb_timeout_s, progress.phone(serial))
+            for client, serial in phones]
+    reports.extend(_run_jobs(jobs, parallel))
+    return reports
+
+
+def _run_jobs(jobs: list[_PhoneJob], parallel: int) -> list[PhoneReport]:
+    """Each phone's job in a thread of its own, at most ``parallel`` at once; the reports in job order
+    (a job's exception is raised here). Daemon threads: Ctrl-C ends the command at once, instead of
+    waiting minutes for every push and phone-side hash to finish (a pool's threads are joined at exit);
+    the process's adb streams close with it, which stops the phones' side, and a push cut short leaves
+    a .part file that the next provision resumes."""
+    gate = threading.Semaphore(parallel)
+    results: list[PhoneReport | BaseException | None] = [None] * len(jobs)
+
+    def work(i: int, job: _PhoneJob) -> None:
+        with gate:
+            try:
+                results[i] = job.run()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                results[i] = e
+
+    threads = [threading.Thread(target=work, args=(i, job), name=f"qhx-provision-{job.serial}", daemon=True)
+               for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()  # a Ctrl-C interrupts it (KeyboardInterrupt in this thread)
+    reports = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        assert result is not None
+        reports.append(result)
     return reports
 
 
@@ -445,12 +497,23 @@ def summary_line(r: PhoneReport) -> str:
     return f"{who}: FAILED: {r.error}{done}"
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="qhx-server provision",
         description="Push a model bundle (and the runtime) to phones, resumable and verified; "
         "see docs/provisioning.md.",
-        epilog="Exit status: 0 every phone provisioned and verified, 1 any phone failed, 2 bad arguments.")
+        epilog="Exit status: 0 every phone provisioned and verified, 1 any phone failed, 2 bad arguments, "
+        "130 Ctrl-C (run it again to resume).")
     parser.add_argument("--bundle", type=Path, required=True, metavar="DIR",
                         help="local bundle folder, e.g. the model card's v81/ or v81-w8/")
     parser.add_argument("--runtime", type=Path, metavar="DIR",
@@ -460,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--serial", action="append", default=[], metavar="S",
                      help="phone to provision (repeatable; default: the only phone attached)")
     who.add_argument("--all", action="store_true", help="every phone in state 'device'")
+    parser.add_argument("--parallel", type=_positive, default=PARALLEL, metavar="N",
+                        help=f"phones provisioned at once (default {PARALLEL})")
     parser.add_argument("--device-root", help="device root on the phone (env QHX_DEVICE_ROOT; "
                         "default /data/local/tmp/wq)")
     parser.add_argument("--adb-server", dest="adb_servers", action="append", metavar="HOST:PORT",
@@ -469,27 +534,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+
+
 def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run the command; returns the exit status."""
+    """Run the command; returns the exit status (130 after Ctrl-C)."""
     out, err = out or sys.stdout, err or sys.stderr
+    try:
+        return _main(argv, out, err)
+    except KeyboardInterrupt:
+        err.write("qhx-server provision: interrupted; a file cut short stays a .part file on the phone (hidden "
+                  "from serving): run the same command again to resume\n")
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=err, format="%(levelname)s %(message)s")
     given = {k: v for k in ("device_root", "adb_servers", "adb_timeout_s") if (v := getattr(ns, k)) is not None}
     settings = Settings(**given)
-    progress = TerminalProgress(err)
-    try:
-        plan = plan_files(ns.bundle, ns.runtime, name=ns.name, progress=progress)
-    except (InvalidBundle, OSError) as e:
-        parser.exit(2, f"qhx-server provision: {e}\n")
-    progress.note(f"bundle {ns.bundle} ({plan.precision}) -> {settings.device_root}/{plan.name}/, "
-                  f"{len(plan.files)} file(s), {fmt_bytes(plan.total_bytes)}")
-    try:
-        reports = provision(plan, settings, serials=ns.serial, all_phones=ns.all, progress=progress)
-    except NoPhone as e:
-        err.write(f"qhx-server provision: {e}\n")
-        return 1
-    for r in reports:
-        out.write(summary_line(r) + "\n")
+    with LiveProgress(err) as progress:
+        try:
+            plan = plan_files(ns.bundle, ns.runtime, name=ns.name, progress=progress)
+        except (InvalidBundle, OSError) as e:
+            progress.close()
+            parser.exit(2, f"qhx-server provision: {e}\n")
+        progress.note(f"bundle {ns.bundle} ({plan.precision}) -> {settings.device_root}/{plan.name}/, "
+                      f"{len(plan.files)} file(s), {fmt_bytes(plan.total_bytes)}")
+        try:
+            reports = provision(plan, settings, serials=ns.serial, all_phones=ns.all, progress=progress,
+                                parallel=ns.parallel)
+        except NoPhone as e:
+            progress.close()
+            err.write(f"qhx-server provision: {e}\n")
+            return 1
+    out.writelines(summary_line(r) + "\n" for r in reports)
     out.flush()
     return 0 if reports and all(r.ok for r in reports) else 1

@@ -11,6 +11,11 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +23,7 @@ import adbutils
 import pytest
 
 from server import cli
-from server.ops.progress import Progress, TerminalProgress
+from server.ops.progress import LiveProgress, Progress
 from server.ops.provision import InvalidBundle, PhoneReport, Plan, plan_files, provision
 from server.settings import Settings
 from server.sim.harness import SimLab, SimPhone
@@ -273,17 +278,110 @@ def test_plan_refuses_a_folder_without_manifest_and_infers_arch_from_the_card_fo
         plan_files(tmp_path / "other")
 
 
-def test_terminal_progress_draws_bars_on_a_terminal_and_lines_elsewhere() -> None:
+def test_live_progress_draws_one_bar_per_phone_on_a_terminal_and_lines_elsewhere() -> None:
     for tty in (True, False):
         out = io.StringIO()
-        progress = TerminalProgress(out, tty=tty)
-        progress.REDRAW_S = 0  # draw on every event
-        progress.begin("push", 1, 2000)
-        progress.start_file("qwen35/x.bin", 2000)
-        progress.advance(1000)
-        progress.advance(1000)
-        progress.end_file(True)
-        progress.end()
+        with LiveProgress(out, tty=tty) as progress:
+            views = [progress.phone(serial) for serial in ("phoneA", "phoneB")]
+            for view in views:
+                view.begin("push", 1, 2000)
+                view.start_file("qwen35/x.bin", 2000)
+                view.advance(1000)
+            progress._bars.refresh()  # draw now: both bars are live at once
+            for view in views:
+                view.advance(1000)
+                view.end_file(True)
+                view.end()
         text = out.getvalue()
-        assert "ok   qwen35/x.bin 2.0 kB" in text and "1/1 file(s)" in text
-        assert ("[####" in text and "\x1b[1A" in text) if tty else "[" not in text
+        for serial in ("phoneA", "phoneB"):
+            assert f"{serial}: ok   qwen35/x.bin 2.0 kB" in text and f"{serial}: push: 1/1 file(s)" in text
+        drawn = "phoneA: push: qwen35/x.bin (1/1)" in text and "phoneB: push: qwen35/x.bin (1/1)" in text
+        assert (drawn and "━" in text) if tty else ("━" not in text and "\x1b" not in text)
+
+
+class Rendezvous(Progress):
+    """Every phone's first pushed chunk waits until ``phones`` phones are pushing at the same time:
+    with pushes one phone after another the barrier breaks (BrokenBarrierError fails the push)."""
+
+    def __init__(self, phones: int) -> None:
+        self.barrier = threading.Barrier(phones, timeout=15)
+        self.met: list[str] = []
+
+    def phone(self, serial: str) -> Progress:
+        outer = self
+
+        class View(Progress):
+            waited = False
+
+            def advance(self, nbytes: int) -> None:
+                if not self.waited:
+                    self.waited = True
+                    outer.barrier.wait()
+                    outer.met.append(serial)
+
+        return View()
+
+
+def test_phones_are_provisioned_in_parallel_up_to_the_bound(lab: SimLab, plan: Plan, settings: Settings) -> None:
+    phones = [lab.add_phone(), lab.add_phone()]
+    serials = [p.serial for p in phones]
+    try:
+        rendezvous = Rendezvous(2)
+        reports = provision(plan, settings, serials=serials, progress=rendezvous, parallel=2)
+        assert [r.serial for r in reports] == serials and all(r.ok for r in reports), reports
+        assert sorted(rendezvous.met) == sorted(serials)
+        for sim in phones:
+            assert_on_phone(sim, plan)
+
+        for sim in phones:  # again from scratch, one phone at a time: the two never push together
+            on_phone(sim, plan.files[0].rel).unlink()
+        rendezvous = Rendezvous(2)
+        rendezvous.barrier = threading.Barrier(2, timeout=2)
+        with pytest.raises(threading.BrokenBarrierError):
+            provision(plan, settings, serials=serials, progress=rendezvous, parallel=1)
+        assert rendezvous.met == []
+    finally:
+        for sim in phones:
+            lab.remove_phone(sim.serial)
+
+
+def test_ctrl_c_stops_every_phone_at_once_with_130_and_leaves_nothing_running(
+        lab: SimLab, tmp_path: Path) -> None:
+    # the phones' jobs ran in a thread pool that Ctrl-C had to wait for (every push and phone-side hash
+    # to the end: minutes for a bench), then a traceback
+    phones = [lab.add_phone(), lab.add_phone()]
+    started = tmp_path / "hashing"
+    started.mkdir()
+    for sim in phones:  # these phones hash slowly: the jobs are busy on them when Ctrl-C comes
+        slow = sim.phone_path("/system/bin/sha256sum")
+        slow.write_text(f"#!/bin/sh\necho $$ > {started}/$$\nexec sleep 600\n")
+        slow.chmod(0o755)
+    bundle = make_bundle(tmp_path / "v81")
+    argv = ["provision", "--bundle", str(bundle), "--adb-server", lab.adb_server, "--adb-timeout-s", "300",
+            *(a for sim in phones for a in ("--serial", sim.serial))]
+    child = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+            "from server.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", child, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        for _ in range(1200):  # until both phones hash (bounded: 120 s)
+            if len(list(started.iterdir())) >= len(phones) or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)  # not the 300 s each hash may take
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "run the same command again to resume" in err and "Traceback" not in err
+        pids = [int(p.read_text()) for p in started.iterdir() if p.read_text().strip()]
+        for _ in range(100):  # the phones' processes go with the streams (bounded: 10 s)
+            if not any(Path(f"/proc/{pid}").exists() for pid in pids):
+                break
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in pids), "sha256sum still runs on a phone"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for sim in phones:
+            lab.remove_phone(sim.serial)
