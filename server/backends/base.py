@@ -64,6 +64,11 @@ class GenerationParams:
     stop_ids: list[int] = field(default_factory=list)
     reset: bool = True
     boundaries: list[Boundary] = field(default_factory=list)  # where checkpoints are worth saving
+    # vLLM's extensions: the stop ids end the request not at all (ignore_eos) or only from the
+    # min_tokens-th generated token on. The host applies them (server/serving/driver.py sends the
+    # phone no stop ids); a runtime that cannot go past its own end (one-shot) ignores them.
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -155,6 +160,17 @@ class ModelInfo:
     simulated: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class PhoneCondition:
+    """What routing weighs of a phone's health (its latest reading, server/backends/adb/telemetry.py):
+    thermal status and temperature (None: unknown), and ``drained``: why it gets no new requests
+    (``thermal``, ``battery``), None when it gets them."""
+
+    thermal_status: int | None = None
+    temperature_c: float | None = None
+    drained: str | None = None
+
+
 @dataclass(slots=True)
 class PhoneHealth:
     serial: str
@@ -177,6 +193,16 @@ class PhoneHealth:
     state_tokens: int | None = None  # tokens its live state holds, as the host knows it (None: unknown)
     checkpoint_slots: int = 0  # checkpoint slots its runtime has (0: none, a v1 runtime)
     checkpoints_used: int = 0  # slots holding a checkpoint
+    # health over time (server/backends/adb/telemetry.py); None: unknown (not read yet, or not said)
+    thermal_status: int | None = None  # Android's PowerManager level: 0 NONE 1 LIGHT 2 MODERATE 3 SEVERE ..
+    temperature_c: float | None = None  # its skin sensor (else its battery, else its hottest sensor)
+    battery_level: float | None = None  # percent
+    charging: bool | None = None
+    battery_temperature_c: float | None = None
+    decode_tps: float | None = None  # measured: decode tokens/s of the requests of the last minute or so
+    drained: str | None = None  # why it gets no new requests: "thermal" or "battery"; None: it gets them
+    telemetry_age_s: float | None = None  # since its last health reading
+    telemetry_error: str | None = None  # why its last health poll failed
 
 
 class Backend(abc.ABC):

@@ -65,6 +65,10 @@ def ignored_params(params: GenerationParams) -> list[str]:
             ignored.append("seed")
     if params.repetition_penalty != 1:
         ignored.append("repetition_penalty")
+    if params.ignore_eos:  # the CLI ends at its own end-of-sequence token
+        ignored.append("ignore_eos")
+    if params.min_tokens:
+        ignored.append("min_tokens")
     return ignored
 
 

@@ -33,6 +33,12 @@ starts each request where it can (reuse.py, session.py). The phone passes on wha
 ``reusable(prompt_ids)`` (prompt tokens it would not process again) and ``prefill_ms_per_token``
 (measured from ``Finished.prefill_ms`` over the tokens processed), and reports the live state's
 length and the checkpoint slots in its health.
+
+Health over time (telemetry.py) runs beside the supervisor from ``start()`` to ``stop()``: its own
+task and adb stream read the phone's temperature, thermal status and battery every
+``telemetry_poll_s``; the phone passes on to routing its ``condition`` (thermal status, temperature,
+and whether it is drained: too hot or low on battery), calls ``on_change`` when any of that
+changes, and reports all of it, with its measured decode rate, in its health.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from server.backends.adb.discovery import PhoneFacts, discover
 from server.backends.adb.launcher import Launcher
 from server.backends.adb.reuse import Holding
 from server.backends.adb.runtime import Runtime
+from server.backends.adb.telemetry import PhoneTelemetry
 from server.backends.adb.transport import AdbServerClient
 from server.backends.base import (
     Backend,
@@ -55,6 +62,7 @@ from server.backends.base import (
     Finished,
     GenerationParams,
     ModelInfo,
+    PhoneCondition,
     PhoneHealth,
     PhoneState,
     Started,
@@ -115,6 +123,8 @@ class Phone(Backend):
         self._quarantine_until: float | None = None  # time.monotonic()
         self._cached = 0  # Started.cached_tokens of the request in flight
         self._prefill_ms_per_token: float | None = None
+        # temperature, battery, decode rate and the drain decision: polled beside the supervisor
+        self.telemetry = PhoneTelemetry(self._client, serial, settings, name=self.key, on_change=self._announce)
 
     def __repr__(self) -> str:
         return f"<Phone {self.key} {self.state.value} {self.mode or '-'}>"
@@ -143,6 +153,10 @@ class Phone(Backend):
             self._ready_since = time.monotonic()
         elif state not in (PhoneState.READY, PhoneState.BUSY):
             self._ready_since = None
+        self._announce()
+
+    def _announce(self) -> None:
+        """Tell the scheduler that something it routes by changed (a state, the phone's condition)."""
         if self.on_change is not None:
             try:
                 self.on_change(self)
@@ -158,10 +172,12 @@ class Phone(Backend):
         if self.state is PhoneState.OFFLINE:
             self._failures = 0  # plugged in (again): a fresh start
         self._supervisor = asyncio.create_task(self._supervise(), name=f"qhx-phone-{self.key}")
+        self.telemetry.start()
 
     async def stop(self, reason: str = "stopped", *, graceful: bool = True) -> None:
         """Stop supervising and end the runtime (a request in flight fails with PhoneLost); OFFLINE."""
         sup, self._supervisor = self._supervisor, None
+        await self.telemetry.stop()
         if sup is not None and not sup.done():
             sup.cancel()
             try:
@@ -306,6 +322,7 @@ class Phone(Backend):
             self._cached = ev.cached_tokens
         elif isinstance(ev, Finished):
             self._failures = 0
+            self.telemetry.rate.add(ev.completion_tokens, ev.decode_ms)
             if ev.decode_ms > 0 and ev.completion_tokens > 0:
                 self._last_tps = ev.completion_tokens / (ev.decode_ms / 1000)
             processed = ev.prompt_tokens - self._cached
@@ -376,35 +393,40 @@ class Phone(Backend):
             return []
         return [self.model]
 
+    @property
+    def condition(self) -> PhoneCondition:
+        """What routing weighs of its health: thermal status, temperature, whether it is drained."""
+        return self.telemetry.condition
+
     def health(self) -> list[PhoneHealth]:
         facts = self.facts
         until = self._quarantine_until
         runtime = self._runtime
         held = runtime.holding() if runtime is not None else Holding()
-        return [
-            PhoneHealth(
-                serial=self.serial,
-                adb_server=self.adb_server,
-                state=self.state,
-                model=self.model.name if self.model else None,
-                product_model=facts.product_model if facts else None,
-                soc=facts.soc if facts else None,
-                bundles=[b.name for b in facts.bundles] if facts else [],
-                bundle=facts.bundle.name if facts and facts.bundle else None,
-                mode=self.mode,
-                request_in_flight=self._request_id,
-                tokens_served=self._tokens_served,
-                last_decode_tps=self._last_tps,
-                last_error=self.last_error,
-                uptime_s=time.monotonic() - self._ready_since if self._ready_since else 0.0,
-                simulated=facts.simulated if facts else False,
-                failures=self._failures,
-                retry_in_s=max(0.0, until - time.monotonic()) if until is not None else None,
-                state_tokens=held.state_tokens,
-                checkpoint_slots=held.slots,
-                checkpoints_used=held.used,
-            )
-        ]
+        row = PhoneHealth(
+            serial=self.serial,
+            adb_server=self.adb_server,
+            state=self.state,
+            model=self.model.name if self.model else None,
+            product_model=facts.product_model if facts else None,
+            soc=facts.soc if facts else None,
+            bundles=[b.name for b in facts.bundles] if facts else [],
+            bundle=facts.bundle.name if facts and facts.bundle else None,
+            mode=self.mode,
+            request_in_flight=self._request_id,
+            tokens_served=self._tokens_served,
+            last_decode_tps=self._last_tps,
+            last_error=self.last_error,
+            uptime_s=time.monotonic() - self._ready_since if self._ready_since else 0.0,
+            simulated=facts.simulated if facts else False,
+            failures=self._failures,
+            retry_in_s=max(0.0, until - time.monotonic()) if until is not None else None,
+            state_tokens=held.state_tokens,
+            checkpoint_slots=held.slots,
+            checkpoints_used=held.used,
+        )
+        self.telemetry.fill(row)
+        return [row]
 
     async def ping(self, timeout: float = 5.0) -> float | None:
         """Round trip to the runtime's process in seconds (None in one-shot mode or without a runtime)."""

@@ -328,6 +328,36 @@ async def pull_file(client: AdbServerClient, serial: str, src: str, dst: str) ->
     return await asyncio.to_thread(_pull_blocking, client, serial, src, dst)
 
 
+def _track_blocking(client: AdbServerClient) -> socket.socket:
+    conn = client.make_connection()  # AdbError when the server is unreachable
+    try:
+        conn.send_command("host:track-devices")
+        conn.check_okay()
+    except (AdbError, OSError):
+        conn.close()
+        raise
+    sock: socket.socket = conn.conn
+    sock.settimeout(None)
+    return sock
+
+
+async def open_tracker(client: AdbServerClient) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A ``host:track-devices`` connection to the adb server: it sends the device list now and on every
+    change, and it ends (EOF or an error) when the server stops. Raises AdbError/OSError."""
+    fut = asyncio.ensure_future(asyncio.to_thread(_track_blocking, client))
+    try:
+        sock = await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(_close_unclaimed)
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
+async def connect_device(client: AdbServerClient, address: str) -> str:
+    """``adb connect <address>`` (a phone over TCP); the adb server's answer. Raises AdbError/OSError."""
+    return await asyncio.to_thread(client.connect, address, client.timeout)
+
+
 async def list_devices(client: AdbServerClient) -> dict[str, str]:
     """serial -> adb state (``device``, ``offline``, ``unauthorized`` ...). Raises AdbError/OSError."""
     infos = await asyncio.to_thread(client.list)

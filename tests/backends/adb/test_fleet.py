@@ -132,3 +132,51 @@ async def test_a_phone_without_a_bundle_serves_once_one_is_pushed(tok_cache: Pat
             await fleet.aclose()
     finally:
         await asyncio.to_thread(lab.stop)
+
+
+async def test_a_tcp_phone_that_stays_out_of_reach_is_tried_again_with_backoff_and_one_warning(
+    tok_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lab = SimLab(phones=1, speed=0, supervise_adb=False)
+    await asyncio.to_thread(lab.start)
+    fleet = AdbFleet(backend_settings(lab, tok_cache, device_poll_s=0.25))
+    try:
+        await fleet.start()
+        sim = lab.phones[0]
+        key = f"{lab.adb_server}/{sim.serial}"
+        await until(fleet, "ready", lambda f: f.phones[key].state is PhoneState.READY)
+        caplog.set_level("DEBUG", logger="server.backends.adb.fleet")
+        await asyncio.to_thread(lab.kill_adb_server)
+        await asyncio.to_thread(sim.stop)  # gone for good: every adb connect is refused
+        await asyncio.to_thread(lab.restart_adb_server, connect=False)
+        await asyncio.sleep(5.0)  # 20 device polls
+        tries = [r for r in caplog.records if sim.serial in r.getMessage() and "adb connect" in r.getMessage()]
+        warnings = [r for r in tries if r.levelname == "WARNING"]
+        assert len(warnings) == 1, [r.getMessage() for r in tries]
+        assert 2 <= len(tries) <= 6, [r.getMessage() for r in tries]  # kept trying, backing off (0.5, 1, 2 s ...)
+        assert fleet.phones[key].state is PhoneState.OFFLINE
+    finally:
+        await fleet.aclose()
+        await asyncio.to_thread(lab.stop)
+
+
+async def test_tcp_phones_are_connected_again_when_a_poll_notices_the_dead_adb_server_first(tok_cache: Path) -> None:
+    # The tracker noted the TCP phones to connect again, but only those still serving when it got to
+    # them: a device poll that found the server unreachable first had stopped them already, and they
+    # were never connected again (a race, lost now and then under load). Here the poll goes first.
+    lab = SimLab(phones=1, speed=0, supervise_adb=False)
+    await asyncio.to_thread(lab.start)
+    fleet = AdbFleet(backend_settings(lab, tok_cache, device_poll_s=0.25))
+    try:
+        await fleet.start()
+        key = f"{lab.adb_server}/{lab.phones[0].serial}"
+        await until(fleet, "ready", lambda f: f.phones[key].state is PhoneState.READY)
+        async with fleet._lock:  # the tracker waits for this lock before it stops the phones
+            await asyncio.to_thread(lab.kill_adb_server)
+            await fleet._poll(lab.adb_server)  # the poll finds the server unreachable and stops them
+            assert fleet.phones[key].state is PhoneState.OFFLINE
+        await asyncio.to_thread(lab.restart_adb_server, connect=False)
+        await until(fleet, "ready again", lambda f: f.phones[key].state is PhoneState.READY)
+    finally:
+        await fleet.aclose()
+        await asyncio.to_thread(lab.stop)
