@@ -1,4 +1,4 @@
-"""`qhx-server`: serve | sim | devices | provision.
+"""`qhx-server`: serve | sim | devices | provision | doctor.
 
 The `serve` flags are generated from the fields of :class:`server.settings.Settings`, so a flag, its
 `QHX_` environment variable and its documentation can never disagree. Bad arguments (a flag, a `QHX_`
@@ -92,6 +92,12 @@ def _provision(argv: list[str]) -> int:
     return provision_main(argv)
 
 
+def _doctor(argv: list[str]) -> int:
+    from server.ops.doctor import main as doctor_main
+
+    return doctor_main(argv)
+
+
 def _devices(ns: argparse.Namespace) -> int:
     from server.ops.devices import print_devices
 
@@ -128,6 +134,8 @@ def _run(argv: list[str]) -> int:
         return _sim(argv[1:])
     if argv and argv[0] == "provision":  # so does provisioning
         return _provision(argv[1:])
+    if argv and argv[0] == "doctor":  # and the doctor
+        return _doctor(argv[1:])
     parser = ArgumentParser(prog="qhx-server", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="Run the OpenAI-compatible HTTP server.")
@@ -140,11 +148,13 @@ def _run(argv: list[str]) -> int:
     dev_p.set_defaults(func=_devices)
     sub.add_parser("provision", help="Push a bundle (and runtime) to phones, resumable and verified "
                    "(see `qhx-server provision --help`).")
+    sub.add_parser("doctor", help="Check phones for serving: what works, what does not, what to do next "
+                   "(see `qhx-server doctor --help`).")
     ns, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand, whose --help lists its flags
         said_by = {"serve": serve_p, "devices": dev_p}.get(ns.command, parser)
         said_by.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if not hasattr(ns, "func"):  # `sim` or `provision` not written first
+    if not hasattr(ns, "func"):  # `sim`, `provision` or `doctor` not written first
         parser.error(f"write {ns.command} first: qhx-server {ns.command} ...")
     return int(ns.func(ns))
 

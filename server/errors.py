@@ -3,11 +3,15 @@
     QhxError                      base; carries an OpenAI-style type/code/param and HTTP status
     ├── InvalidRequest            400 invalid_request_error (bad field, unsupported value)
     │   ├── UnsupportedParameter  400, param names the field we cannot honour
-    │   └── ContextLengthExceeded 400, code context_length_exceeded
+    │   ├── ContextLengthExceeded 400, code context_length_exceeded
+    │   ├── RequestTooLarge       413, the body (or what it decompresses to) is over max_body_bytes
+    │   └── UnsupportedMediaType  415, a body that is not JSON, or a Content-Encoding we do not decode
     ├── AuthenticationFailed      401
     ├── ModelNotFound             404 model_not_found
+    ├── NotFound                  404 (an id that names nothing: an unknown or expired stored response)
     ├── Overloaded                429 (queue full), carries retry_after seconds
     ├── NoPhoneAvailable          503 (no phone free in time, or none serves the model now), carries retry_after
+    ├── ShuttingDown              503, the server is draining (SIGTERM) or its grace period ran out
     └── BackendError              a phone or its session failed a request
         ├── PhoneLost             adb stream dropped / device gone / session process exited
         ├── PhoneStalled          no token within the stall timeout
@@ -48,6 +52,23 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class RequestTooLarge(InvalidRequest):
+    status_code = 413
+    code = "request_too_large"
+
+
+class RequestTimeout(InvalidRequest):
+    """The request's body did not arrive within ``Settings.body_timeout_s``."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class AuthenticationFailed(QhxError):
     status_code = 401
     error_type = "authentication_error"
@@ -58,6 +79,13 @@ class ModelNotFound(QhxError):
     status_code = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class NotFound(QhxError):
+    """An object the request names by id does not exist (never did, expired, or was deleted)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
 
 
 class Overloaded(QhxError):
@@ -78,6 +106,15 @@ class NoPhoneAvailable(QhxError):
     def __init__(self, message: str, *, retry_after: float = 1.0, **kw: object) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.retry_after = retry_after
+
+
+class ShuttingDown(QhxError):
+    """The server is shutting down: no new requests, and those still running when the grace period
+    ends are cancelled on their phones (docs/reliability.md)."""
+
+    status_code = 503
+    error_type = "service_unavailable_error"
+    code = "server_shutting_down"
 
 
 class BackendError(QhxError):

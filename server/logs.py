@@ -54,6 +54,11 @@ def current_request_id() -> str | None:
     return _request_id.get()
 
 
+def current_fields() -> dict[str, Any] | None:
+    """The current request's fields (what its access line will say; None outside a request)."""
+    return _request_fields.get()
+
+
 def note_generation(**fields: Any) -> None:
     """Record one generation's fields on the current request (no-op outside a request).
 

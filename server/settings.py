@@ -125,6 +125,30 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Origins browsers may call the API from (repeatable; '*' for any). Empty: no CORS headers.",
     )
+    console: bool = Field(
+        True, description="Serve the web console at / and /console (docs/console.md). Its data comes from "
+        "the API, with the same API key."
+    )
+    requests_log_size: int = Field(
+        500, ge=0, le=100_000, description="Requests kept in memory for GET /v1/requests and the console's "
+        "requests view (0: none)."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes (after gzip or deflate "
+        "decoding, which is bounded by the same number); a larger one gets 413 (code request_too_large).",
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="A request body must arrive whole within this many seconds of its headers; "
+        "past it: 408 (code request_timeout), connection closed (a client trickling its body, slowloris).",
+    )
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="A stream whose client has not taken any data for this long (its socket "
+        "buffers full) is cancelled on its phone, logged, and its connection dropped.",
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: how long requests in flight may run on before they are cancelled "
+        "on their phones (streams end with an error event). A second SIGTERM or SIGINT cancels them at once.",
+    )
 
     # --- phones ---
     adb_servers: list[str] = Field(
@@ -205,9 +229,10 @@ class Settings(BaseSettings):
         "empty state (reset), for comparison and as an escape hatch."
     )
     route_wait_max_s: float = Field(
-        5.0, ge=0, le=600, description="With state_reuse on: longest a request waits for a busy phone that "
-        "holds its prompt (expected faster than a free phone processing the whole prompt) before it "
-        "takes a free phone instead; at most half of queue_timeout_s. 0: never wait while a phone is free."
+        30.0, ge=0, le=600, description="With state_reuse on: longest a request waits for a busy phone that "
+        "holds its prompt (expected faster than a free phone processing the whole prompt), counted from "
+        "when it first declined a free phone, before it takes a free phone instead; at most half of "
+        "queue_timeout_s. 0: never wait while a phone is free."
     )
     context_overflow: Literal["error", "drop-oldest"] = Field(
         "error", description="A chat that outgrows the context: error (400, OpenAI's behaviour), or "
@@ -218,6 +243,55 @@ class Settings(BaseSettings):
         "template", description="How earlier assistant turns are rendered: template (the model's own "
         "chat template), or as-generated (exactly as the phone generated them, keeping the empty think "
         "block), so that continuing a phone's live state hits on runtimes without checkpoints."
+    )
+
+    # --- the Responses API (docs/api.md, "POST /v1/responses") ---
+    responses_store_max: int = Field(
+        1000, ge=0, le=1_000_000, description="Stored responses kept in memory (store: true, the default) for "
+        "GET /v1/responses/{id} and previous_response_id; beyond it the oldest go. 0: none are kept."
+    )
+    responses_store_ttl_s: float = Field(
+        3600.0, gt=0, description="Seconds a stored response is kept; then its id is a 404 (as an unknown one)."
+    )
+    responses_store_max_bytes: int = Field(
+        128 * 1024 * 1024, ge=0, description="Memory the stored responses may hold, in bytes (their JSON and "
+        "the conversations they continue, as Python holds them); beyond it the oldest go. A response that "
+        "holds more on its own is not kept."
+    )
+
+    # --- phone health (docs/capacity.md, "Phone health") ---
+    telemetry_poll_s: float = Field(
+        10.0, ge=0, description="Seconds between reads of each phone's temperature, thermal status and battery "
+        "(adb shell dumpsys thermalservice, dumpsys battery), off the path of any token. 0: never read them."
+    )
+    thermal_routing: Literal["on", "off"] = Field(
+        "on", description="Thermal-aware scheduling: idle phones that run cooler get requests first, and a "
+        "phone too hot (thermal_drain_status) or low on battery while not charging (battery_floor_pct) gets "
+        "no new requests until it recovers. off: phones are chosen whatever their health."
+    )
+    thermal_drain_status: int = Field(
+        3, ge=1, le=6, description="Android thermal status (0 NONE 1 LIGHT 2 MODERATE 3 SEVERE 4 CRITICAL "
+        "5 EMERGENCY 6 SHUTDOWN) from which a phone gets no new requests (requests running on it finish)."
+    )
+    thermal_resume_status: int = Field(
+        2, ge=0, le=5, description="Thermal status at or below which a phone drained for heat gets requests "
+        "again; at most thermal_drain_status - 1 (a lower drain status lowers it too)."
+    )
+    battery_floor_pct: float = Field(
+        15.0, ge=0, le=100, description="A phone whose battery is below this percentage and not charging gets "
+        "no new requests."
+    )
+    battery_resume_pct: float = Field(
+        20.0, ge=0, le=100, description="Battery percentage from which a phone drained for its battery gets "
+        "requests again (or as soon as it charges); at least battery_floor_pct (a higher floor raises it too)."
+    )
+    thermal_prefer_margin_c: float = Field(
+        2.0, ge=0, description="Of idle phones at the same thermal status, those more than this many degrees "
+        "hotter than the coolest are passed over while a cooler one is idle."
+    )
+    decode_rate_window_s: float = Field(
+        60.0, gt=0, description="Each phone's measured decode rate (/v1/devices decode_tps, /metrics) is over "
+        "the requests it finished in the last this many seconds."
     )
 
     sse_ping_s: float = Field(15.0, gt=0, description="Seconds between `: ping` SSE comments while a stream waits.")
@@ -255,6 +329,12 @@ class Settings(BaseSettings):
     def _no_empty_key(cls, v: list[str]) -> list[str]:
         if any(not key.strip() for key in v):
             raise ValueError("an API key is empty")
+        for i, key in enumerate(v, 1):  # a key no client could send would lock everyone out (never shown)
+            if not all(" " <= c <= "~" for c in key):
+                raise ValueError(f"the API key #{i} has a character an HTTP client cannot send in an Authorization "
+                                 "header: printable ASCII only (letters, digits, punctuation)")
+            if key != key.strip():
+                raise ValueError(f"the API key #{i} starts or ends with a space: clients strip it, it could never match")
         return v
 
     @field_validator("bundle_for")

@@ -120,6 +120,9 @@ def test_max_queue_zero_is_refused_at_start_up(capsys: pytest.CaptureFixture[str
         ("QHX_LOG_LEVEL", "loud", "log level 'loud'"),
         ("QHX_DEVICE_ROOT", "data/local/tmp", "not an absolute path"),
         ("QHX_API_KEYS", '["sk-a", " "]', "an API key is empty"),
+        ("QHX_API_KEYS", '["sk-a", "cl\u00e9-\u043a\u043b\u044e\u0447"]', "API key #2 has a character"),
+        ("QHX_API_KEYS", '["sk-a\\t"]', "API key #1 has a character"),
+        ("QHX_API_KEYS", '[" sk-a"]', "API key #1 starts or ends with a space"),
         ("QHX_ADB_SERVERS", '["nonsense"]', "'nonsense' is not host:port"),
         ("QHX_ADB_SERVERS", '["127.0.0.1:99999"]', "'127.0.0.1:99999' is not host:port"),
         ("QHX_ADB_SERVERS", "127.0.0.1:5037", "not a JSON list"),
@@ -180,3 +183,10 @@ def test_bundle_for_names_an_adb_server_in_any_spelling_the_adb_server_setting_t
 def test_bundle_for_with_an_adb_server_that_cannot_be_one_is_refused_at_start_up(entry: str) -> None:
     with pytest.raises(SettingsInvalid, match="bundle_for"):
         Settings(bundle_for=[entry])
+
+
+def test_a_refused_api_key_is_not_shown() -> None:
+    """The message says which key (its place) and why, never the key: it goes to terminals and logs."""
+    with pytest.raises(SettingsInvalid) as e:
+        Settings(api_keys=["sk-fine", "sk-secret-\u00e9t\u00e9"])
+    assert "API key #2" in str(e.value) and "secret" not in str(e.value)

@@ -1,8 +1,9 @@
 """API keys: ``Authorization: Bearer <key>``, checked before anything else runs.
 
 With ``Settings.api_keys`` empty there is no authentication. Otherwise every path needs one of the
-keys except the open ones: ``/health`` and ``/ready`` (probes), the OpenAPI docs, and ``/metrics``
-unless ``Settings.metrics_require_key``. Closed by default, so a route added later is protected
+keys except the open ones: ``/health`` and ``/ready`` (probes), the OpenAPI docs, ``/metrics``
+unless ``Settings.metrics_require_key``, and the console's page and files (``Settings.console``: they
+hold no data, the console asks for a key). Closed by default, so a route added later is protected
 without anyone remembering to. A missing or wrong key is a 401 in OpenAI's envelope
 (:class:`server.errors.AuthenticationFailed` through :func:`server.api.errors.error_response`).
 
@@ -20,6 +21,7 @@ import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.api.console import PATHS as CONSOLE_PATHS
 from server.api.errors import error_response
 from server.errors import AuthenticationFailed
 from server.settings import Settings
@@ -66,7 +68,10 @@ class ApiKeyMiddleware:
 
 
 def open_paths(settings: Settings) -> frozenset[str]:
-    return ALWAYS_OPEN if settings.metrics_require_key else ALWAYS_OPEN | {"/metrics"}
+    paths = ALWAYS_OPEN if settings.metrics_require_key else ALWAYS_OPEN | {"/metrics"}
+    if settings.console:  # the console's page and files hold no data; it asks for a key to read any
+        paths |= CONSOLE_PATHS
+    return paths
 
 
 def _route_path(scope: Scope) -> str:

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import AuthenticationFailed, NoPhoneAvailable, Overloaded, QhxError
@@ -63,7 +64,7 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
 
 def _param(loc: tuple[Any, ...]) -> str | None:
     parts: list[str] = []
-    for item in loc[1:] if loc and loc[0] == "body" else loc:
+    for item in loc[1:] if loc and loc[0] in ("body", "query") else loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         elif isinstance(item, str) and item not in _LOC_TAGS and "[" not in item and not item[:1].isupper():
@@ -100,7 +101,21 @@ def error_response(exc: BaseException, request_id: str | None = None) -> JSONRes
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(exc, getattr(request.state, "request_id", None))
+    response = error_response(exc, getattr(request.state, "request_id", None))
+    if isinstance(exc, StarletteHTTPException) and exc.status_code == 405 and (allowed := _allowed(request)):
+        response.headers["Allow"] = allowed
+    return response
+
+
+def _allowed(request: Request) -> str:
+    """Every method the path serves: Starlette's ``Allow`` names only the first route that matched
+    the path (GET /v1/responses/{id} hid its DELETE)."""
+    methods: set[str] = set()
+    for route in getattr(request.app.state, "routes", []):
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and isinstance(route, Route) and route.methods:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI) -> None:

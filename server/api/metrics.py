@@ -16,7 +16,7 @@ Each app has its own ``CollectorRegistry`` (tests build several apps); the ``qhx
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,8 +26,12 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.backends.base import Backend
 
 UNMATCHED = "none"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -96,3 +100,51 @@ def _handler(routes: Sequence[BaseRoute], scope: Scope) -> str:
         if match is Match.PARTIAL and partial == UNMATCHED:  # the path, another method (405)
             partial = str(getattr(route, "path", UNMATCHED))
     return partial
+
+
+class PhoneHealthCollector(Collector):
+    """Each phone's health, read from the backend per scrape (labelled ``phone``, its serial, as the
+    ``qhx:`` request metrics are); a value the phone has not reported is left out, not zero, and so is
+    every gauge of a phone that is not read (unplugged: its readings are forgotten)::
+
+        qhx:phone_temperature_celsius          its skin temperature (else battery, else hottest sensor)
+        qhx:phone_thermal_status               Android's 0 NONE .. 3 SEVERE .. 6 SHUTDOWN
+        qhx:phone_battery_level_percent
+        qhx:phone_battery_charging             1 charging, 0 not
+        qhx:phone_decode_tokens_per_second     measured over its recent requests (decode_rate_window_s)
+        qhx:phone_drained                      1 while it gets no new requests (too hot, low battery)
+    """
+
+    GAUGES = (
+        ("qhx:phone_temperature_celsius", "Phone temperature (skin sensor), Celsius.", "temperature_c"),
+        ("qhx:phone_thermal_status", "Android thermal status: 0 NONE .. 3 SEVERE .. 6 SHUTDOWN.", "thermal_status"),
+        ("qhx:phone_battery_level_percent", "Phone battery level, percent.", "battery_level"),
+        ("qhx:phone_battery_charging", "1 while the phone's battery charges.", "charging"),
+        ("qhx:phone_decode_tokens_per_second", "Decode rate measured over the phone's recent requests.",
+         "decode_tps"),
+    )
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    def collect(self) -> Iterable[Metric]:
+        phones = self._backend.health()
+        families = []
+        for name, doc, attr in self.GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["phone"])
+            for h in phones:
+                value = getattr(h, attr)
+                if value is not None:
+                    family.add_metric([h.serial], float(value))
+            families.append(family)
+        drained = GaugeMetricFamily("qhx:phone_drained", "1 while the phone gets no new requests (too hot, "
+                                    "low battery).", labels=["phone"])
+        for h in phones:  # while it is read, as the others: a phone that left takes its gauges along
+            if h.drained or h.telemetry_age_s is not None:
+                drained.add_metric([h.serial], 1.0 if h.drained else 0.0)
+        return [*families, drained]
+
+    def describe(self) -> Iterable[Metric]:
+        # without it, registering would call collect() (and the backend) once at start
+        return [GaugeMetricFamily(name, "", labels=["phone"]) for name, _, _ in self.GAUGES] + [
+            GaugeMetricFamily("qhx:phone_drained", "", labels=["phone"])]

@@ -68,7 +68,9 @@ class ServerThread:
     """uvicorn serving ``app`` on an already bound loopback socket, in a daemon thread."""
 
     def __init__(self, app: Any) -> None:
-        self.sock = socket.socket()
+        # proto IPPROTO_TCP, as uvicorn's own sockets: asyncio turns Nagle off (TCP_NODELAY) only on
+        # sockets that say so, and with Nagle every keep-alive response waited ~40 ms for a delayed ACK
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="on", timeout_graceful_shutdown=5)

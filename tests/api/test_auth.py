@@ -5,6 +5,7 @@ any phone would matter."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,11 +13,13 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from server.api.app import create_app
-from server.api.auth import MISSING_KEY, WRONG_KEY, warn_if_exposed
+from server.api.auth import MISSING_KEY, WRONG_KEY, ApiKeyMiddleware, warn_if_exposed
 from server.cli import add_settings_arguments, settings_from_args
-from server.settings import Settings
+from server.settings import Settings, SettingsInvalid
 from server.sim.harness import SimLab
 from tests.api.live_server import LiveServer, ServerThread
 
@@ -158,3 +161,38 @@ def test_keys_from_flags_and_env_and_kept_out_of_repr(monkeypatch: pytest.Monkey
     assert "sk-a" not in repr(settings)
     monkeypatch.setenv("QHX_API_KEYS", '["sk-env"]')
     assert Settings().api_keys == ["sk-env"]
+
+
+def _passes(keys: list[str], raw_authorization: bytes) -> bool:
+    """Whether ApiKeyMiddleware lets a request with this Authorization header (as sent) through."""
+    reached: list[bool] = []
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        reached.append(True)
+
+    async def send(message: object) -> None:
+        pass
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "GET", "path": "/v1/models", "root_path": "", "query_string": b"",
+             "headers": [(b"authorization", raw_authorization)], "state": {}}
+    asyncio.run(ApiKeyMiddleware(app, keys=keys, open_paths=frozenset())(scope, receive, send))  # type: ignore[arg-type]
+    return bool(reached)
+
+
+@given(key=st.text(min_size=1, max_size=40))
+def test_every_key_the_settings_accept_is_one_a_client_can_send(key: str) -> None:
+    """A key with a character no HTTP client sends (the console's browser refuses anything beyond
+    ISO-8859-1; httpx and openai anything beyond ASCII) or with surrounding spaces (stripped) could
+    never match: such a server locked everyone out, and said nothing. Now each key is either refused
+    at start-up or accepted when httpx sends it."""
+    try:
+        Settings(api_keys=[key])
+    except SettingsInvalid:
+        assert not (key.isascii() and key.isprintable() and key == key.strip())  # not refused for nothing
+        return
+    raw = httpx.Headers({"Authorization": f"Bearer {key}"}).raw[0][1]
+    assert _passes([key], raw)
+    assert not _passes([key], raw + b"x")

@@ -132,6 +132,7 @@ IGNORED_CASES = [
     ({"temperature": 0.7, "top_p": 0.9, "seed": 1, "top_k": 20}, "temperature,top_p,top_k,seed"),
     ({"temperature": 0, "top_p": 0.5, "seed": 3}, None),  # greedy asked: nothing is lost
     ({"temperature": 0, "repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"temperature": 0, "ignore_eos": True, "min_tokens": 2}, "ignore_eos,min_tokens"),  # the CLI ends at its EOS
 ]
 
 

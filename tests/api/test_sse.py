@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator
 import pytest
 from starlette.responses import Response
 
+from server.api.shutdown import Drain
 from server.api.sse import stream_response
 from server.backends.base import admission
 from server.errors import Overloaded
@@ -73,3 +74,29 @@ async def _events(response: Response) -> list[bytes]:
     """What the stream's body sends (the SSE framing our body iterator yields)."""
     body = response.body_iterator  # type: ignore[attr-defined]
     return [event async for event in body]
+
+
+async def test_a_stream_stopped_by_the_shutdown_ends_with_its_error_and_lets_its_clean_up_finish() -> None:
+    """The drain cancels the chunks once; closing the stream afterwards must not cancel them again:
+    a second cancel landed in the generation's clean-up (the phone's cancel, the wait for its done)
+    and cut it short."""
+    cleaned = asyncio.Event()
+
+    async def generation() -> AsyncGenerator[str, None]:
+        try:
+            yield '{"n": 1}'
+            await asyncio.sleep(30)  # a long generation
+            yield '{"n": 2}'
+        finally:
+            await asyncio.sleep(0.2)  # the phone confirms the cancel
+            cleaned.set()
+
+    drain = Drain(grace_s=60)
+    response = await stream_response(generation(), ping_s=15, drain=drain)
+    body = response.body_iterator  # type: ignore[attr-defined]
+    assert await body.__anext__() == b'data: {"n": 1}\n\n'
+    drain.expire()
+    await asyncio.sleep(0.05)  # the generation is in its clean-up (as while the error event is sent)
+    rest = [event async for event in body]
+    assert len(rest) == 1 and b'"code":"server_shutting_down"' in rest[0]
+    assert cleaned.is_set()

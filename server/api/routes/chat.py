@@ -7,9 +7,10 @@ import logging
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from server.api.openapi import generation_responses
 from server.api.sse import respond
 from server.serving.chat.overflow import dropped_header
-from server.serving.chat.protocol import ChatCompletionRequest
+from server.serving.chat.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from server.serving.chat.service import ChatService
 from server.serving.oneshot import ignored_header
 
@@ -23,7 +24,7 @@ def chat_service(request: Request) -> ChatService:
     return service
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=generation_responses(ChatCompletion, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     service = chat_service(request)
     prepared = await service.prepare(body)

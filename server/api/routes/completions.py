@@ -7,16 +7,17 @@ import logging
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from server.api.openapi import generation_responses
 from server.api.sse import respond
 from server.serving.completions import CompletionService
 from server.serving.oneshot import ignored_header
-from server.serving.protocol import CompletionRequest
+from server.serving.protocol import Completion, CompletionRequest
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=generation_responses(Completion, Completion))
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     service: CompletionService = request.app.state.completions
     prepared = await service.prepare(body)
