@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any, Self
 
 import httpx
 
+from server.sim.cli import read_banner
 from server.sim.simconfig import write_sim_config
 
 
@@ -54,8 +54,10 @@ class Stack:
     phone knobs (sim.json) on every phone."""
 
     def __init__(self, workdir: Path, phones: int = 1, *, ready_timeout_s: float = 180.0,
-                 serve_args: list[str] | None = None, sim_args: list[str] | None = None) -> None:
+                 serve_args: list[str] | None = None, sim_args: list[str] | None = None,
+                 serve_log: Path | None = None) -> None:
         self.workdir, self.n, self.ready_timeout_s = workdir, phones, ready_timeout_s
+        self.serve_log = serve_log  # the server's stderr (its log) goes there, else to ours
         self.serve_args = list(serve_args or [])  # extra `qhx-server serve` options, e.g. --state-reuse off
         self.sim_args = list(sim_args or [])  # extra `qhx-server sim` options, e.g. --checkpoints 0
         self.sim: subprocess.Popen[str] | None = None
@@ -70,23 +72,19 @@ class Stack:
             [py, "-m", "server.cli", "sim", "--phones", str(self.n), "--speed", "1", "--workdir",
              str(self.workdir), "--log-level", "warning", *self.sim_args], stdout=subprocess.PIPE, text=True,
         )
-        adb_server = None
         assert self.sim.stdout is not None
-        for line in self.sim.stdout:
-            if m := re.search(r"sandbox (\S+)", line):
-                self.sandboxes.append(Path(m.group(1)))
-            if m := re.search(r"private adb server on (\S+):", line):
-                adb_server = m.group(1)
-            if "Ctrl-C" in line:
-                break
+        adb_server, self.sandboxes = read_banner(self.sim.stdout)
         if adb_server is None or len(self.sandboxes) != self.n:
             raise RuntimeError("qhx-server sim did not start")
         self.knobs(stop_rate=0.0)  # no natural end: every request runs to max_tokens
         port = free_port()
+        log = open(self.serve_log, "w") if self.serve_log is not None else None
         self.srv = subprocess.Popen(
             [py, "-m", "server.cli", "serve", "--sim", "0", "--adb-server", adb_server, "--port", str(port),
-             "--log-level", "warning", *self.serve_args],
+             "--log-level", "warning", *self.serve_args], stderr=log,
         )
+        if log is not None:
+            log.close()  # the child has its own copy
         self.base_url = f"http://127.0.0.1:{port}"
         self._wait_ready()
         return self
