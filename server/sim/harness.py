@@ -38,7 +38,7 @@ from typing import Any, Self, TypeVar
 import adbutils
 from adbutils._adb import AdbConnection
 
-from server.sim.adbd import EMULATOR_PORTS, HANDSHAKES, AdbDaemon
+from server.sim.adbd import EMULATOR_PORTS, HANDSHAKES, AdbDaemon, where_task_waits
 from server.sim.lifetime import dying_with_us
 from server.sim.sandbox import Sandbox, default_props
 from server.sim.staging import stage_phone
@@ -71,16 +71,11 @@ class _LoopThread:
         """What the loop thread is doing, and where its tasks wait: what a timeout must say to be fixed."""
         frame = sys._current_frames().get(self._thread.ident or -1)
         stack = "".join(traceback.format_stack(frame)[-6:]) if frame is not None else "(no thread)\n"
-        waits = []
         try:  # read from another thread while the loop runs: good enough for a diagnosis, may change under us
             tasks = list(asyncio.all_tasks(self.loop))
         except RuntimeError:
             tasks = []
-        for task in tasks:
-            frames = task.get_stack(limit=3)
-            if frames:
-                f = frames[-1]
-                waits.append(f"{task.get_name()} at {f.f_code.co_filename}:{f.f_lineno} ({f.f_code.co_name})")
+        waits = [where_task_waits(task) for task in tasks]
         return f"loop thread at:\n{stack}tasks: " + "; ".join(sorted(waits)[:20])
 
     def call(self, fn: Callable[[], T]) -> T:

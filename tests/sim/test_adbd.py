@@ -368,3 +368,77 @@ async def test_a_link_ends_only_after_every_stream_it_started_has_cleaned_up() -
     assert cleaned.is_set()  # the link ended after its stream's clean-up, not before
     server.close()
     await server.wait_closed()
+
+
+async def _open_shell_stream(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw adb link to ``port`` with one shell stream opened (the OKAY read)."""
+    from server.sim import adbd
+
+    def packet(command: int, arg0: int, arg1: int, data: bytes) -> bytes:
+        return adbd._HEADER.pack(command, arg0, arg1, len(data), sum(data), command ^ 0xFFFFFFFF) + data
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(packet(adbd.A_CNXN, adbd.A_VERSION, adbd.MAX_PAYLOAD, b"host::\0"))
+    writer.write(packet(adbd.A_OPEN, 1, 0, b"shell:sleep 1000\0"))
+    while True:  # CNXN, then the OKAY of the stream
+        command, *_rest, length, _check, _magic = adbd._HEADER.unpack(await reader.readexactly(24))
+        await reader.readexactly(length)
+        if command == adbd.A_OKAY:
+            return reader, writer
+
+
+def test_a_stop_ends_even_when_a_service_outlives_its_closed_link(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fault soak once saw a phone's stop wait forever on a link whose command did not end; whatever
+    # keeps a service alive after its link closed, the stop kills it after a grace and ends
+    from server.sim import adbd
+    from server.sim.sandbox import Sandbox
+
+    cancels = []
+
+    async def stubborn(stream: object) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancels.append("ignored")  # the link's close: ignored
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancels.append("killed")  # the stop's last resort
+            raise
+
+    monkeypatch.setattr(adbd, "resolve_service", lambda name, sandbox: stubborn)
+    monkeypatch.setattr(adbd, "STOP_GRACE_S", 0.3)
+
+    async def scenario() -> float:
+        daemon = adbd.AdbDaemon(Sandbox(tmp_path, props={}))
+        port = await daemon.start()
+        _reader, writer = await _open_shell_stream(port)
+        t0 = time.monotonic()
+        await asyncio.wait_for(daemon.stop(), 10)
+        writer.close()
+        return time.monotonic() - t0
+
+    took = asyncio.run(scenario())
+    assert cancels == ["ignored", "killed"]
+    assert took < 5
+
+
+def test_where_task_waits_names_the_innermost_coroutine() -> None:
+    from server.sim.adbd import where_task_waits
+
+    async def innermost() -> None:
+        await asyncio.sleep(3600)
+
+    async def outer() -> None:
+        await innermost()
+
+    async def scenario() -> str:
+        task = asyncio.create_task(outer(), name="probe")
+        await asyncio.sleep(0.01)
+        where = where_task_waits(task)
+        task.cancel()
+        return where
+
+    where = asyncio.run(scenario())
+    assert where.startswith("probe at ") and where.endswith("(sleep)"), where
