@@ -14,11 +14,13 @@ it only listens on loopback addresses.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import math
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -113,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"export ANDROID_ADB_SERVER_PORT={lab.adb_port}; adb devices -l")
             print("Ctrl-C to stop", flush=True)
             stop.wait()
+    except OSError as exc:  # a port of --listen taken: say so, not a traceback
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(f"qhx-server sim: {exc.strerror or exc} (--listen: choose other ports)", file=sys.stderr)
+        return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
