@@ -288,14 +288,24 @@ async def run_command(stream: Stream, sandbox: Sandbox, command: str, *, v2: boo
     its leftover group members are killed too, so no phone process outlives its stream.
     """
     argv = ["/bin/sh", "-c", sandbox.rewrite_command(command)] if command else ["/bin/sh"]
-    proc = await asyncio.create_subprocess_exec(
+    spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE if v2 else asyncio.subprocess.STDOUT,
         cwd=sandbox.root, env=sandbox.env(), start_new_session=True,
         # no phone process outlives the host that runs this adbd, even a SIGKILLed one (lifetime.py);
         # the loop thread forking it lives as long as the phone
         preexec_fn=dying_with(os.getpid()),  # a prctl and a getppid between fork and exec: nothing that locks
-    )
+    ))
+    try:
+        proc = await asyncio.shield(spawn)
+    except asyncio.CancelledError:
+        # the stream closed while its command was starting. Cancelling the start itself kills only the
+        # shell (asyncio's clean-up) and then waits for its pipes, which a child the shell had started
+        # holds open for ever: a process nobody kills and a stop that never ends (seen in the fault soak).
+        # Let it start, then kill its whole group as for any other closed stream.
+        with contextlib.suppress(Exception):
+            await _kill_group(await spawn)
+        raise
     assert proc.stdin is not None and proc.stdout is not None
     stream.conn.pgids.add(proc.pid)
     pipes = [(proc.stdout, V2_STDOUT)] + ([(proc.stderr, V2_STDERR)] if proc.stderr is not None else [])

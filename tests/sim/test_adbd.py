@@ -442,3 +442,58 @@ def test_where_task_waits_names_the_innermost_coroutine() -> None:
 
     where = asyncio.run(scenario())
     assert where.startswith("probe at ") and where.endswith("(sleep)"), where
+
+
+def test_a_stream_closed_while_its_command_starts_leaves_no_process(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fault soak found a phone process nobody killed: the host closed a stream while its command
+    # was being started, and cancelling the start killed only the shell, not the child it had forked.
+    # A slow start widens that window here; the command's child must die with the stream all the same
+    from server.sim import adbd
+    from server.sim.sandbox import Sandbox
+
+    real_spawn = asyncio.create_subprocess_exec
+    marker = f"sleep {300 + os.getpid() % 100}.{os.getpid() % 97 + 1}"
+
+    async def slow_spawn(*args: object, **kwargs: object) -> asyncio.subprocess.Process:
+        proc = await real_spawn(*args, **kwargs)  # type: ignore[arg-type]
+        await asyncio.sleep(0.5)  # still starting when the host closes the stream
+        return proc
+
+    monkeypatch.setattr(adbd.asyncio, "create_subprocess_exec", slow_spawn)
+
+    def running() -> bool:
+        return subprocess.run(["pgrep", "-f", marker], capture_output=True, check=False).returncode == 0
+
+    async def scenario() -> None:
+        sandbox = Sandbox(tmp_path, props={})
+        sandbox.create()
+        daemon = adbd.AdbDaemon(sandbox)
+        port = await daemon.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        def packet(command: int, arg0: int, arg1: int, data: bytes = b"") -> bytes:
+            return adbd._HEADER.pack(command, arg0, arg1, len(data), sum(data), command ^ 0xFFFFFFFF) + data
+
+        writer.write(packet(adbd.A_CNXN, adbd.A_VERSION, adbd.MAX_PAYLOAD, b"host::\0"))
+        writer.write(packet(adbd.A_OPEN, 7, 0, f"shell:{marker}; true\0".encode()))
+        while True:  # CNXN, then the stream's OKAY (arg0: its id on the phone)
+            command, local_id, *_rest, length, _check, _magic = adbd._HEADER.unpack(await reader.readexactly(24))
+            await reader.readexactly(length)
+            if command == adbd.A_OKAY:
+                break
+        deadline = time.monotonic() + 5
+        while not running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert running()  # the command's child runs; its start has not returned yet
+        writer.write(packet(adbd.A_CLSE, 7, local_id))
+        await writer.drain()
+        await asyncio.sleep(1.0)
+        writer.close()
+        await asyncio.wait_for(daemon.stop(), 15)
+
+    asyncio.run(scenario())
+    deadline = time.monotonic() + 3
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running()
