@@ -195,14 +195,16 @@ async def test_waves_of_queue_timeouts_leave_no_phone_wedged(stack: PoolStack) -
 
 def test_waiting_requests_get_phones_in_arrival_order(stack: PoolStack) -> None:
     """Two w8 phones, eight requests at once: the order in which requests reach the pool is the order
-    in which they get a phone (both taken from the server's own timeline)."""
+    in which they get a phone (both taken from the server's own timeline). Each prompt is its own, so
+    that no phone holds a prefix of one (with state reuse a request may rather wait, bounded, for the
+    phone that does, and a later one take the free phone: docs/state-reuse.md, "Routing")."""
     with stack.knobs([stack.sim("a4"), stack.sim("b2")], slow_first_token_s=0.2):
 
         async def main() -> list[dict[str, Any]]:
             async with stack.async_client() as client:
                 async def one(i: int) -> dict[str, Any]:
                     await asyncio.sleep(0.05 * i)
-                    r = await client.completions.create(model=W8, prompt=PROMPT, max_tokens=1,
+                    r = await client.completions.create(model=W8, prompt=f"{i} {PROMPT}", max_tokens=1,
                                                         extra_body={"return_timings": True})
                     return r.model_extra["timings"]  # type: ignore[index,no-any-return]
 
