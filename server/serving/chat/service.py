@@ -186,9 +186,12 @@ class ChatService(OpenAIServing[ChatCompletionRequest, RenderedPrompt]):
         return cut
 
     def _boundaries(self, prompt: RenderedPrompt) -> list[Boundary]:
-        """The end of the system/tools block and the last message boundary (chat/boundaries.py)."""
+        """The end of the system/tools block and the last message boundary, past its header
+        (chat/boundaries.py)."""
+        newline = prompt.tokenizer.encode("\n")
         return chat_boundaries(prompt.ids, prompt.tokenizer.special_id(IM_START),
-                               opens_with_system=prompt.text.startswith(f"{IM_START}system"))
+                               opens_with_system=prompt.text.startswith(f"{IM_START}system"),
+                               newline=newline[0] if len(newline) == 1 else None)
 
     def _reply(self, p: PreparedChat) -> ReplyParser:
         return ReplyParser(p.prompt.plan, thinking=p.prompt.thinking,

@@ -27,8 +27,9 @@ SYSTEM = {"role": "system", "content": "You are a terse assistant. Answer in one
 USER = {"role": "user", "content": "What is the weather in Paris?"}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-OFF = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
-ON = "<|im_start|>assistant\n<think>\n"
+HEADER = "<|im_start|>assistant\n"  # the last boundary is past it: the next turn's reply opens with it too
+OFF = "<think>\n\n</think>\n\n"  # what follows the last boundary: the generation prompt after its header
+ON = "<think>\n"
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ async def test_system_and_tools_give_the_block_end_shared_and_the_last_message_b
     block, last = found[0].at, found[1].at
     assert text(qwen_tokenizer, ids[:block]).startswith("<|im_start|>system\n# Tools")
     assert text(qwen_tokenizer, ids[:block]).endswith(f"{SYSTEM['content']}<|im_end|>\n")
-    assert text(qwen_tokenizer, ids[block:last]) == f"<|im_start|>user\n{USER['content']}<|im_end|>\n"
+    assert text(qwen_tokenizer, ids[block:last]) == f"<|im_start|>user\n{USER['content']}<|im_end|>\n{HEADER}"
     assert text(qwen_tokenizer, ids[last:]) == OFF
 
 
@@ -64,6 +65,7 @@ async def test_without_a_system_turn_only_the_last_message_boundary(
 ) -> None:
     ids, found = await boundaries(service, qwen_tokenizer, messages=[USER])
     assert found == [Boundary(len(ids) - len(qwen_tokenizer.encode(OFF)))]
+    assert text(qwen_tokenizer, ids[:found[0].at]).endswith(f"<|im_end|>\n{HEADER}")
     assert text(qwen_tokenizer, ids[found[0].at:]) == OFF
 
 
@@ -84,7 +86,7 @@ async def test_the_shared_prefix_is_the_same_for_every_conversation_with_that_sy
     assert found_a[0] == found_b[0] and a[:found_a[0].at] == b[:found_b[0].at]
 
 
-async def test_multi_turn_the_last_boundary_is_before_the_generation_prompt_and_the_next_turn_starts_with_it(
+async def test_multi_turn_the_last_boundary_is_past_the_generation_prompt_s_header_and_the_next_turn_starts_with_it(
     service: ChatService, qwen_tokenizer: HostTokenizer,
 ) -> None:
     turn1 = [SYSTEM, USER]
@@ -131,6 +133,11 @@ async def test_a_completion_keeps_the_end_of_its_prompt(
 
 def test_boundaries_on_bare_ids() -> None:
     assert chat_boundaries([9, 1, 9, 2, 9, 3], 9, opens_with_system=True) == [Boundary(2, True), Boundary(4)]
+    # with the newline id (5): past the last message's role line, when it is that near
+    assert chat_boundaries([9, 1, 5, 9, 2, 5, 9, 4, 5, 7], 9, opens_with_system=True, newline=5) == [
+        Boundary(3, True), Boundary(9)]
+    assert chat_boundaries([9, 1, 5, 9, 2, 4, 5, 7], 9, opens_with_system=False, newline=5) == [Boundary(7)]
+    assert chat_boundaries([9, 1, 5, 9, 2, 4, 4, 5], 9, opens_with_system=False, newline=5) == [Boundary(3)]
     assert chat_boundaries([9, 1, 9, 2, 9, 3], 9, opens_with_system=False) == [Boundary(4)]
     assert chat_boundaries([9, 1, 9, 2], 9, opens_with_system=True) == [Boundary(2, True)]  # one token, both
     assert chat_boundaries([1, 2, 3], 9, opens_with_system=True) == []
@@ -153,6 +160,7 @@ def test_every_turn_s_last_boundary_is_a_prefix_of_the_next_turn_s_prompt(
 ) -> None:
     template = TEMPLATE
     im_start = qwen_tokenizer.special_id(IM_START)
+    [newline] = qwen_tokenizer.encode("\n")
     head = [{"role": "system", "content": system}] if system is not None else []
     messages = list(head)
     prompts: list[tuple[list[int], list[Boundary]]] = []
@@ -160,10 +168,12 @@ def test_every_turn_s_last_boundary_is_a_prefix_of_the_next_turn_s_prompt(
         messages.append({"role": "user", "content": user})
         rendered = template.render(messages, [WEATHER] if tools else None, enable_thinking=thinking)
         ids = qwen_tokenizer.encode(rendered)
-        found = chat_boundaries(ids, im_start, opens_with_system=rendered.startswith(f"{IM_START}system"))
-        assert all(ids[b.at] == im_start for b in found)
-        assert found[-1].shared is False and qwen_tokenizer.decode(ids[found[-1].at:]).startswith(
-            "<|im_start|>assistant\n")
+        found = chat_boundaries(ids, im_start, opens_with_system=rendered.startswith(f"{IM_START}system"),
+                                newline=newline)
+        assert all(ids[b.at] == im_start for b in found[:-1])
+        assert found[-1].shared is False and qwen_tokenizer.decode(ids[:found[-1].at]).endswith(
+            "<|im_end|>\n<|im_start|>assistant\n")
+        assert qwen_tokenizer.decode(ids[found[-1].at:]).startswith("<think>\n")
         assert [b.shared for b in found] == ([True, False] if system is not None or tools else [False])
         prompts.append((ids, found))
         messages.append({"role": "assistant", "content": reply})
