@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import math
 import os
 import statistics
@@ -278,6 +280,9 @@ def scenario_c(workdir: Path, args: argparse.Namespace) -> bool:
             return convs
 
         results[reuse] = run_stack(workdir, 4, reuse, body)
+    if args.dump:
+        args.dump.write_text(json.dumps({name: [[dataclasses.asdict(t) for t in c.turns] for c in convs]
+                                         for name, convs in results.items()}, indent=1))
     print(f"\n(c) four phones, {args.c_conversations} concurrent {len(questions)}-turn conversations")
     ok = True
     summary: dict[str, float] = {}
@@ -323,6 +328,7 @@ def main() -> int:
     ap.add_argument("--checkpoints", type=int, help="checkpoint slots per phone (default: the simulator's 4)")
     ap.add_argument("--serve-args", default="", help="more serve options for both modes, e.g. "
                     "'--history-render as-generated'")
+    ap.add_argument("--dump", type=Path, help="write every turn of (c) (phone, cached, timings) to this JSON file")
     args = ap.parse_args()
     SERVE_ARGS.extend(args.serve_args.split())
     if args.checkpoints is not None:
