@@ -581,13 +581,15 @@ def test_a_six_turn_chat_reuses_on_every_turn_and_says_the_same(pair: Pair) -> N
     pair.off.wait_idle()
     system = ("You are the assistant of a small bakery in Lyon. Answer questions about bread, opening hours "
               "and orders in one or two sentences; never invent prices.")
-    # three other users at once, one on each phone: the phones with slots keep the system block (shared)
+    # three other users at once: the phones they ran on keep the system block (shared). Usually one on
+    # each phone; on a loaded machine one may end before the next arrives, which then rather reuses the
+    # block on that phone (prefix-aware routing): either way the chat's first turn finds it on a phone
     with ThreadPoolExecutor(3) as pool:
         warm = list(pool.map(lambda q: chat(pair.on, {"messages": [{"role": "system", "content": system},
                                                                   {"role": "user", "content": q}],
                                                      "temperature": 0, "max_completion_tokens": 4}, False)[0],
                              QUESTIONS[6:9]))
-    assert len({r.phones for r in warm}) == 3, warm
+    assert len(warm) == 3 and all(r.completion_tokens == 4 for r in warm), warm
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
     cached = []
     for turn in range(6):
