@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from server.backends.adb.phone import Phone
 from server.backends.base import PhoneState
 from server.settings import Settings
 from server.sim.harness import SimLab, SimPhone
+from server.sim.simconfig import DEFAULTS
 
 FAULTS_OFF: dict[str, Any] = {
     "crash_after": None,
@@ -55,12 +57,19 @@ async def wait_state(phone: Phone, *states: PhoneState, timeout: float = 30.0) -
 
 @contextlib.contextmanager
 def knobs(sim: SimPhone, **values: Any) -> Iterator[None]:
-    """Set simulator knobs for the block, then put the defaults of this package back."""
+    """Set simulator knobs for the block, then put back what the phone had before (a knob it did not
+    set: the simulator's default) and the fault defaults of this package. (Putting back only the
+    latter left e.g. ``stop_rate`` 0 on the phone: its later replies then ran longer than a reference
+    phone's, depending on where a cancel cut the earlier reply.)"""
+    path = sim.sandbox / "sim.json"
+    before = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     sim.configure(**values)
     try:
         yield
     finally:
-        sim.configure(**FAULTS_OFF)
+        back = {key: before[key] if key in before else DEFAULTS[key] for key in values
+                if key in before or key in DEFAULTS}
+        sim.configure(**{**back, **FAULTS_OFF})
 
 
 def sim_of(lab: SimLab, phone: Phone) -> SimPhone:
