@@ -513,6 +513,11 @@ def step(pair: Pair, stats: Stats, data: st.DataObject, convs: list[Conversation
     stream = n == 1 and data.draw(st.booleans(), label="stream")
     if n > 1:
         body["n"] = n
+    if followup:
+        # a user who reads the reply first: the server has handed the phone back by then. (A client that
+        # asks again within the server's last microseconds of the previous request may find that phone
+        # still leased; at speed 0 a free phone processing the whole prompt is then rightly faster.)
+        pair.on.wait_idle()
     reply = both(pair, stats, body, stream)
     if followup and n == 1:  # (n > 1: cached_tokens is the fewest over choices, each on a phone of its own)
         stats.followups += 1
