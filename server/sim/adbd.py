@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
+import random
 import signal
+import socket
 import struct
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from server.sim.adb_sync import sync_service
@@ -260,6 +264,36 @@ def resolve_service(name: str, sandbox: Sandbox) -> Service | None:
     return None
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands out for outgoing connections (Linux's ip_local_port_range)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+def listen_port(host: str = "127.0.0.1") -> int:
+    """A free port for a simulated phone or its private adb server to listen on, from 20000-32767
+    outside the kernel's range for outgoing connections and the adb emulator scan range: such a port
+    stays free while the phone is unplugged (or the adb server restarts), so it can bind it again; a
+    port the kernel picks (port 0) is soon some client connection's own port (seen under parallel
+    tests: a replug failed with "address already in use"). Falls back to the kernel's choice when the
+    machine's outgoing range covers all of them."""
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in range(20000, 32768) if p not in ephemeral and p not in EMULATOR_PORTS]
+    for port in random.sample(candidates, min(len(candidates), 50)):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def where_task_waits(task: asyncio.Task[Any]) -> str:
     """``name at file:line (function)`` of the innermost coroutine ``task`` waits in (a task's own
     stack shows only its outermost frame): what a diagnosis of a hang must name."""
@@ -428,14 +462,16 @@ class AdbDaemon:
         return "device::" + ";".join(fields) + f";features={FEATURES}"
 
     async def start(self) -> int:
-        """Bind (a free port outside the emulator range when port is 0) and return the port."""
-        while True:
-            server = await asyncio.start_server(self._accept, self.host, self.port)
-            port: int = server.sockets[0].getsockname()[1]
-            if self.port or port not in EMULATOR_PORTS:
+        """Bind and return the port; with port 0, a free one of :func:`listen_port`'s, kept for later
+        starts (a replug), so that the phone's serial stays the same."""
+        for attempt in itertools.count():
+            try:
+                server = await asyncio.start_server(self._accept, self.host, self.port or listen_port())
                 break
-            server.close()
-            await server.wait_closed()
+            except OSError as exc:  # taken between the check and the bind: another one
+                if self.port or exc.errno != errno.EADDRINUSE or attempt >= 20:
+                    raise
+        port: int = server.sockets[0].getsockname()[1]
         self._server, self.port = server, port
         logger.info("simulated adbd listening on %s:%d (%s)", self.host, port, self.sandbox.root)
         return port

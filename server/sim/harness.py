@@ -38,7 +38,7 @@ from typing import Any, Self, TypeVar
 import adbutils
 from adbutils._adb import AdbConnection
 
-from server.sim.adbd import EMULATOR_PORTS, HANDSHAKES, AdbDaemon, where_task_waits
+from server.sim.adbd import EMULATOR_PORTS, HANDSHAKES, AdbDaemon, listen_port, where_task_waits
 from server.sim.lifetime import dying_with_us
 from server.sim.sandbox import Sandbox, default_props
 from server.sim.staging import stage_phone
@@ -508,11 +508,11 @@ class LabAdbClient(adbutils.AdbClient):
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 outside the adb emulator scan range and the default adb port."""
+    """A free TCP port on 127.0.0.1 outside the adb emulator scan range, the default adb port and the
+    kernel's range for outgoing connections (:func:`~server.sim.adbd.listen_port`): the private adb
+    server is started again on it after a kill."""
     while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
+        port = listen_port()
         if port not in EMULATOR_PORTS and port != ADB_SERVER_PORT_DEFAULT:
             return port
 

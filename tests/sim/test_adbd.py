@@ -497,3 +497,15 @@ def test_a_stream_closed_while_its_command_starts_leaves_no_process(tmp_path: Pa
     while running() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not running()
+
+
+def test_listen_ports_are_outside_the_kernels_range_for_outgoing_connections() -> None:
+    # a phone keeps its port across an unplug; a port from the outgoing range was soon some client
+    # connection's own port under parallel tests, and the replug failed with "address already in use"
+    from server.sim.adbd import EMULATOR_PORTS, _ephemeral_ports, listen_port
+
+    ports = {listen_port() for _ in range(30)}
+    assert len(ports) > 1
+    outgoing = _ephemeral_ports()
+    if outgoing.start > 20000:  # the usual Linux range (32768-60999): room below it
+        assert all(20000 <= p < outgoing.start and p not in EMULATOR_PORTS for p in ports), sorted(ports)
