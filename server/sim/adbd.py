@@ -282,7 +282,9 @@ def listen_port(host: str = "127.0.0.1") -> int:
     machine's outgoing range covers all of them."""
     ephemeral = _ephemeral_ports()
     candidates = [p for p in range(20000, 32768) if p not in ephemeral and p not in EMULATOR_PORTS]
-    for port in random.sample(candidates, min(len(candidates), 50)):
+    # a generator of its own: the module's is seeded alike in every test worker by hypothesis, and the
+    # workers then tried the same ports in the same order
+    for port in random.SystemRandom().sample(candidates, min(len(candidates), 50)):
         with socket.socket() as sock:
             try:
                 sock.bind((host, port))
