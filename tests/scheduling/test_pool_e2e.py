@@ -9,6 +9,7 @@ import collections
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -262,14 +263,19 @@ async def test_a_phone_killed_mid_stream_ends_its_stream_cleanly_and_no_other(st
 def test_a_phone_failing_twice_in_a_row_is_quarantined_then_recovers(stack: PoolStack) -> None:
     victim = stack.sim("b2")  # a w8 phone; the other is a4
     with stack.knobs([victim], crash_after=0):
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         i = 0
+        client = stack.client()
         while stack.device(victim)["state"] != "quarantined":
             assert time.monotonic() < deadline, stack.device(victim)
-            i += 1  # prompts with nothing in common: no phone holds a part of the next (state reuse
-            #         would rightly keep sending it to a4, which does), so both phones take turns
-            r = stack.client().completions.create(model=W8, prompt=f"{i}: {PROMPT}", max_tokens=2)
-            assert r.choices[0].finish_reason == "length"  # retried on a4: the client never notices
+            # prompts with nothing in common: no phone holds a part of the next (state reuse would rightly
+            # keep sending it to a4, which does); two at a time, so that the victim gets one whenever it is
+            # back, even when a4 measured a lower prompt cost (at speed 0 that is host noise)
+            i += 2
+            with ThreadPoolExecutor(2) as pool:
+                replies = list(pool.map(lambda k: client.completions.create(
+                    model=W8, prompt=f"{k}: {PROMPT}", max_tokens=2), (i, i + 1)))
+            assert all(r.choices[0].finish_reason == "length" for r in replies)  # retried: never noticed
         health = stack.device(victim)
         assert health["failures"] >= 2 and health["retry_in_s"] > 0
         assert "134" in health["last_error"]  # the runtime's abort code
