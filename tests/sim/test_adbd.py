@@ -345,9 +345,6 @@ async def test_a_link_ends_only_after_every_stream_it_started_has_cleaned_up() -
             cleaned.set()
             raise
 
-    def packet(command: int, arg0: int, arg1: int, data: bytes = b"") -> bytes:
-        return struct.pack("<6I", command, arg0, arg1, len(data), 0, command ^ 0xFFFFFFFF) + data
-
     served = asyncio.Event()
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -357,10 +354,10 @@ async def test_a_link_ends_only_after_every_stream_it_started_has_cleaned_up() -
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(packet(A_CNXN, 0x01000001, MAX_PAYLOAD, b"host::\0") + packet(A_OPEN, 7, 0, b"shell:x\0"))
+    writer.write(_packet(A_CNXN, 0x01000001, MAX_PAYLOAD, b"host::\0") + _packet(A_OPEN, 7, 0, b"shell:x\0"))
     await reader.readexactly(24 + len(b"device::"))  # CNXN
     await reader.readexactly(24)  # OKAY: the stream is open on the device as local id 1
-    writer.write(packet(A_CLSE, 7, 1))
+    writer.write(_packet(A_CLSE, 7, 1))
     await asyncio.sleep(0.05)  # the device has the CLSE: the stream's clean-up runs
     writer.close()
     await writer.wait_closed()
@@ -370,21 +367,25 @@ async def test_a_link_ends_only_after_every_stream_it_started_has_cleaned_up() -
     await server.wait_closed()
 
 
-async def _open_shell_stream(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw adb link to ``port`` with one shell stream opened (the OKAY read)."""
+def _packet(command: int, arg0: int, arg1: int, data: bytes = b"") -> bytes:
+    """One adb packet as the host sends it (checksum 0: version 0x01000001 does not check it)."""
+    return struct.pack("<6I", command, arg0, arg1, len(data), 0, command ^ 0xFFFFFFFF) + data
+
+
+async def _open_stream(port: int, service: str, host_id: int = 1
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    """A raw adb link to ``port`` with one stream to ``service`` opened: (reader, writer, the stream's
+    id on the phone), once its OKAY is read."""
     from server.sim import adbd
 
-    def packet(command: int, arg0: int, arg1: int, data: bytes) -> bytes:
-        return adbd._HEADER.pack(command, arg0, arg1, len(data), sum(data), command ^ 0xFFFFFFFF) + data
-
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(packet(adbd.A_CNXN, adbd.A_VERSION, adbd.MAX_PAYLOAD, b"host::\0"))
-    writer.write(packet(adbd.A_OPEN, 1, 0, b"shell:sleep 1000\0"))
+    writer.write(_packet(adbd.A_CNXN, adbd.A_VERSION, adbd.MAX_PAYLOAD, b"host::\0"))
+    writer.write(_packet(adbd.A_OPEN, host_id, 0, f"{service}\0".encode()))
     while True:  # CNXN, then the OKAY of the stream
-        command, *_rest, length, _check, _magic = adbd._HEADER.unpack(await reader.readexactly(24))
+        command, phone_id, *_rest, length, _check, _magic = adbd._HEADER.unpack(await reader.readexactly(24))
         await reader.readexactly(length)
         if command == adbd.A_OKAY:
-            return reader, writer
+            return reader, writer, phone_id
 
 
 def test_a_stop_ends_even_when_a_service_outlives_its_closed_link(tmp_path: Path,
@@ -413,7 +414,7 @@ def test_a_stop_ends_even_when_a_service_outlives_its_closed_link(tmp_path: Path
     async def scenario() -> float:
         daemon = adbd.AdbDaemon(Sandbox(tmp_path, props={}))
         port = await daemon.start()
-        _reader, writer = await _open_shell_stream(port)
+        _reader, writer, _id = await _open_stream(port, "shell:sleep 1000")
         t0 = time.monotonic()
         await asyncio.wait_for(daemon.stop(), 10)
         writer.close()
@@ -470,23 +471,12 @@ def test_a_stream_closed_while_its_command_starts_leaves_no_process(tmp_path: Pa
         sandbox.create()
         daemon = adbd.AdbDaemon(sandbox)
         port = await daemon.start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
-        def packet(command: int, arg0: int, arg1: int, data: bytes = b"") -> bytes:
-            return adbd._HEADER.pack(command, arg0, arg1, len(data), sum(data), command ^ 0xFFFFFFFF) + data
-
-        writer.write(packet(adbd.A_CNXN, adbd.A_VERSION, adbd.MAX_PAYLOAD, b"host::\0"))
-        writer.write(packet(adbd.A_OPEN, 7, 0, f"shell:{marker}; true\0".encode()))
-        while True:  # CNXN, then the stream's OKAY (arg0: its id on the phone)
-            command, local_id, *_rest, length, _check, _magic = adbd._HEADER.unpack(await reader.readexactly(24))
-            await reader.readexactly(length)
-            if command == adbd.A_OKAY:
-                break
+        _reader, writer, local_id = await _open_stream(port, f"shell:{marker}; true", host_id=7)
         deadline = time.monotonic() + 5
         while not running() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         assert running()  # the command's child runs; its start has not returned yet
-        writer.write(packet(adbd.A_CLSE, 7, local_id))
+        writer.write(_packet(adbd.A_CLSE, 7, local_id))
         await writer.drain()
         await asyncio.sleep(1.0)
         writer.close()
